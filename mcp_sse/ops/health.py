@@ -1,0 +1,19 @@
+"""Liveness and the backend list."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .. import __version__
+
+__all__ = ["health", "servers"]
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def servers(request: web.Request) -> web.Response:
+    from ..app import BACKENDS  # the app module imports this one
+
+    return web.json_response({"servers": [b.status() for b in request.app[BACKENDS].values()]})

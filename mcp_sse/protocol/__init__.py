@@ -1,0 +1,1 @@
+"""protocol layer of mcp-sse (see ARCHITECTURE in the README)."""

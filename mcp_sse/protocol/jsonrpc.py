@@ -1,0 +1,163 @@
+"""JSON-RPC 2.0 as MCP uses it: parsing with limits, envelope validation, error shapes.
+
+No HTTP here. Every function that sees client bytes raises `ProtocolError`, which carries
+a JSON-RPC error code and a message that is safe to send back (it never echoes input).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Final
+
+__all__ = [
+    "INTERNAL_ERROR",
+    "INVALID_PARAMS",
+    "INVALID_REQUEST",
+    "METHOD_NOT_FOUND",
+    "PARSE_ERROR",
+    "Message",
+    "ProtocolError",
+    "dumps",
+    "error_response",
+    "id_key",
+    "is_notification",
+    "is_request",
+    "is_response",
+    "parse_body",
+    "result_response",
+    "validate_message",
+]
+
+PARSE_ERROR: Final = -32700
+INVALID_REQUEST: Final = -32600
+METHOD_NOT_FOUND: Final = -32601
+INVALID_PARAMS: Final = -32602
+INTERNAL_ERROR: Final = -32603
+
+Message = dict[str, Any]
+"""One JSON-RPC message as decoded JSON. Kept as a plain dict: the gateway forwards
+messages it does not need to understand, and rebuilding models would cost time and
+drop fields that newer protocol revisions add."""
+
+MAX_DEPTH: Final = 64
+MAX_ID_LENGTH: Final = 256
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+class ProtocolError(Exception):
+    """A message the gateway refuses; `code` is the JSON-RPC error code to answer with."""
+
+    def __init__(self, code: int, message: str, request_id: str | int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+    def to_message(self) -> Message:
+        return error_response(self.request_id, self.code, self.message)
+
+
+def dumps(message: Any) -> str:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+def _check_depth(body: bytes, limit: int) -> None:
+    # Cheap bound first: depth can never exceed the number of opening brackets.
+    if body.count(b"{") + body.count(b"[") <= limit:
+        return
+    depth = 0
+    for match in _BRACKETS.finditer(_STRING.sub(b'""', body)):
+        if match.group() in (b"{", b"["):
+            depth += 1
+            if depth > limit:
+                raise ProtocolError(PARSE_ERROR, f"Parse error: JSON nested deeper than {limit} levels")
+        else:
+            depth -= 1
+
+
+def parse_body(body: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Decode a request body, refusing invalid UTF-8, invalid JSON and hostile nesting."""
+    if not body.strip():
+        raise ProtocolError(PARSE_ERROR, "Parse error: empty body")
+    _check_depth(body, max_depth)
+    try:
+        return json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ProtocolError(PARSE_ERROR, "Parse error: body is not valid UTF-8") from None
+    except (ValueError, RecursionError):
+        raise ProtocolError(PARSE_ERROR, "Parse error: body is not valid JSON") from None
+
+
+def _valid_id(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    return isinstance(value, str) and len(value) <= MAX_ID_LENGTH
+
+
+def validate_message(message: Any) -> Message:
+    """Check the JSON-RPC envelope of one message; return it unchanged when valid."""
+    if not isinstance(message, dict):
+        raise ProtocolError(INVALID_REQUEST, "Invalid Request: a message must be a JSON object")
+    raw_id = message.get("id")
+    request_id = raw_id if _valid_id(raw_id) else None
+    if message.get("jsonrpc") != "2.0":
+        raise ProtocolError(INVALID_REQUEST, 'Invalid Request: "jsonrpc" must be "2.0"', request_id)
+    if "id" in message and not _valid_id(raw_id):
+        raise ProtocolError(
+            INVALID_REQUEST, 'Invalid Request: "id" must be a string or an integer (not null)'
+        )
+    if "method" in message:
+        if not isinstance(message["method"], str) or not message["method"]:
+            raise ProtocolError(INVALID_REQUEST, 'Invalid Request: "method" must be a string', request_id)
+        if "result" in message or "error" in message:
+            raise ProtocolError(
+                INVALID_REQUEST, 'Invalid Request: a request has no "result" or "error"', request_id
+            )
+        if "params" in message and not isinstance(message["params"], dict):
+            raise ProtocolError(INVALID_REQUEST, 'Invalid Request: "params" must be an object', request_id)
+        return message
+    if "id" not in message:
+        raise ProtocolError(INVALID_REQUEST, 'Invalid Request: no "method" and no "id"')
+    if ("result" in message) == ("error" in message):
+        raise ProtocolError(
+            INVALID_REQUEST, 'Invalid Request: a response has exactly one of "result" or "error"'
+        )
+    if "error" in message:
+        error = message["error"]
+        if not isinstance(error, dict) or not isinstance(error.get("code"), int):
+            raise ProtocolError(INVALID_REQUEST, 'Invalid Request: "error" needs an integer "code"')
+    elif not isinstance(message["result"], dict):
+        raise ProtocolError(INVALID_REQUEST, 'Invalid Request: "result" must be an object')
+    return message
+
+
+def is_request(message: Message) -> bool:
+    return "method" in message and "id" in message
+
+
+def is_notification(message: Message) -> bool:
+    return "method" in message and "id" not in message
+
+
+def is_response(message: Message) -> bool:
+    return "method" not in message
+
+
+def id_key(request_id: str | int) -> tuple[bool, str | int]:
+    """A dict key that keeps "1" and 1 apart, as JSON-RPC does."""
+    return (isinstance(request_id, str), request_id)
+
+
+def error_response(request_id: str | int | None, code: int, message: str, data: Any = None) -> Message:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+def result_response(request_id: str | int, result: dict[str, Any]) -> Message:
+    return {"jsonrpc": "2.0", "id": request_id, "result": result}

@@ -1,0 +1,226 @@
+"""The client-facing MCP session: its id, its SSE streams and their replay buffers.
+
+A session owns numbered event streams. Stream 0 carries what is not tied to a request
+(the legacy SSE stream, or the Streamable HTTP GET stream); each Streamable HTTP request
+answered over SSE gets its own stream. Events are kept in one bounded buffer per stream,
+which is both the live queue and the `Last-Event-ID` replay window: a reader that falls
+further behind than the buffer holds has lost events, and is told so instead of
+silently missing them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from .jsonrpc import Message, dumps, id_key
+
+if TYPE_CHECKING:
+    from ..gateway import Gateway
+
+__all__ = ["EventStream", "Session", "SessionStore", "StreamOverrun", "valid_session_id"]
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{16,128}")
+_EVENT_ID = re.compile(r"(\d{1,9})-(\d{1,18})")
+FINISHED_STREAMS_KEPT: Final = 16
+
+
+def valid_session_id(value: str | None) -> bool:
+    return value is not None and _SESSION_ID.fullmatch(value) is not None
+
+
+class StreamOverrun(Exception):
+    """The reader fell behind the buffer, so events it never saw were dropped."""
+
+
+class EventStream:
+    def __init__(self, number: int, capacity: int) -> None:
+        self.number = number
+        self._events: deque[tuple[int, str]] = deque(maxlen=capacity)
+        self._seq = 0
+        self._changed = asyncio.Event()
+        self.finished = False
+        self.delivered = 0
+        self.reader: object | None = None
+
+    def push(self, message: Message) -> None:
+        if self.finished:
+            return
+        self._seq += 1
+        self._events.append((self._seq, dumps(message)))
+        self._changed.set()
+
+    def finish(self) -> None:
+        self.finished = True
+        self._changed.set()
+
+    def event_id(self, seq: int) -> str:
+        return f"{self.number}-{seq}"
+
+    async def read(self, after: int, owner: object, idle: float) -> AsyncIterator[tuple[int, str] | None]:
+        """Yield (seq, data) after `after` until the stream finishes or another reader takes it.
+
+        Yields None after `idle` seconds without an event, so the caller can send a keep-alive.
+        """
+        self.reader = owner
+        self._changed.set()  # wake a previous reader so it notices it was replaced
+        while self.reader is owner:
+            if self._events and self._events[0][0] > after + 1:
+                raise StreamOverrun(f"stream {self.number} lost events after {after}")
+            pending = [event for event in self._events if event[0] > after]
+            for seq, data in pending:
+                yield seq, data
+                after = self.delivered = max(self.delivered, seq)
+            if self.finished and after >= self._seq:
+                return
+            if not pending:
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), idle)
+                except TimeoutError:
+                    yield None
+
+    async def wait_first(self) -> None:
+        while not self._events and not self.finished:
+            self._changed.clear()
+            await self._changed.wait()
+
+    def sole_event(self) -> str | None:
+        """The data of the only event of a finished stream (a plain answer, fit for JSON)."""
+        if self.finished and self._seq == 1 and len(self._events) == 1:
+            return self._events[0][1]
+        return None
+
+    def release(self, owner: object) -> None:
+        if self.reader is owner:
+            self.reader = None
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    kind: Literal["sse", "streamable"]
+    gateway: Gateway
+    identity: str | None
+    buffer_size: int
+    protocol_version: str = ""
+    client_capabilities: dict[str, Any] = field(default_factory=dict)
+    client_info: dict[str, Any] = field(default_factory=dict)
+    initialized: bool = False
+    log_level: str | None = None
+    closed: bool = False
+    created: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    streams: OrderedDict[int, EventStream] = field(default_factory=OrderedDict)
+    request_streams: dict[tuple[bool, str | int], EventStream] = field(default_factory=dict)
+    on_close: list[Callable[[Session], None]] = field(default_factory=list)
+    _next_stream: int = 1
+
+    def __post_init__(self) -> None:
+        self.streams[0] = EventStream(0, self.buffer_size)
+
+    @property
+    def standalone(self) -> EventStream:
+        return self.streams[0]
+
+    def open_request_stream(self, request_id: str | int) -> EventStream:
+        """A stream for one request's related messages and its response (Streamable HTTP, SSE mode)."""
+        stream = EventStream(self._next_stream, self.buffer_size)
+        self._next_stream += 1
+        self.streams[stream.number] = stream
+        self.request_streams[id_key(request_id)] = stream
+        # Finished streams stay replayable for a while, but their number is bounded.
+        finished = [n for n, s in self.streams.items() if n and s.finished]
+        for number in finished[:-FINISHED_STREAMS_KEPT]:
+            del self.streams[number]
+        return stream
+
+    def end_request_stream(self, request_id: str | int) -> None:
+        stream = self.request_streams.pop(id_key(request_id), None)
+        if stream is not None:
+            stream.finish()
+
+    def send(self, message: Message, related: str | int | None = None) -> None:
+        """Queue a server-to-client message on the stream of the request it relates to, else stream 0."""
+        if self.closed:
+            return
+        stream = self.request_streams.get(id_key(related)) if related is not None else None
+        (stream or self.standalone).push(message)
+
+    def resolve_event_id(self, event_id: str) -> tuple[EventStream, int] | None:
+        match = _EVENT_ID.fullmatch(event_id)
+        if match is None:
+            return None
+        stream = self.streams.get(int(match.group(1)))
+        return None if stream is None else (stream, int(match.group(2)))
+
+    def touch(self) -> None:
+        self.last_seen = time.monotonic()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for stream in self.streams.values():
+            stream.finish()
+        for callback in self.on_close:
+            callback(self)
+
+
+class SessionStore:
+    """All live sessions, with a cap and idle expiry so abandoned ones do not pile up."""
+
+    def __init__(self, *, max_sessions: int, idle_timeout: float, buffer_size: int) -> None:
+        self.max_sessions = max_sessions
+        self.idle_timeout = idle_timeout
+        self.buffer_size = buffer_size
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def full(self) -> bool:
+        return len(self._sessions) >= self.max_sessions
+
+    def create(self, kind: Literal["sse", "streamable"], gateway: Gateway, identity: str | None) -> Session:
+        # 256 random bits, URL-safe: unguessable and valid in a header or a query string.
+        session = Session(secrets.token_urlsafe(32), kind, gateway, identity, self.buffer_size)
+        self._sessions[session.id] = session
+        session.on_close.append(self._forget)
+        return session
+
+    def _forget(self, session: Session) -> None:
+        self._sessions.pop(session.id, None)
+
+    def get(self, session_id: str | None) -> Session | None:
+        if session_id is None:
+            return None
+        return self._sessions.get(session_id)
+
+    def all(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def expire_idle(self, now: float | None = None) -> int:
+        """Close Streamable HTTP sessions idle past the timeout; an open SSE stream counts as activity."""
+        now = time.monotonic() if now is None else now
+        stale = [
+            s
+            for s in self._sessions.values()
+            if s.kind == "streamable"
+            and s.standalone.reader is None
+            and not s.request_streams
+            and now - s.last_seen > self.idle_timeout
+        ]
+        for session in stale:
+            session.close()
+        return len(stale)
+
+    def close_all(self) -> None:
+        for session in list(self._sessions.values()):
+            session.close()

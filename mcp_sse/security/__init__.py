@@ -1,0 +1,1 @@
+"""security layer of mcp-sse (see ARCHITECTURE in the README)."""

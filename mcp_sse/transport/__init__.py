@@ -1,0 +1,1 @@
+"""transport layer of mcp-sse (see ARCHITECTURE in the README)."""

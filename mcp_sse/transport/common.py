@@ -1,0 +1,102 @@
+"""What both MCP transports share: state keys, body reading, session lookup, error replies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from aiohttp import web
+
+from ..gateway import Gateway
+from ..protocol.jsonrpc import Message, ProtocolError, dumps, parse_body
+from ..protocol.session import Session, SessionStore, valid_session_id
+
+__all__ = [
+    "IDENTITY",
+    "SESSIONS",
+    "TASKS",
+    "TRANSPORT",
+    "TransportSettings",
+    "find_session",
+    "http_error",
+    "jsonrpc_reply",
+    "protocol_error",
+    "read_message",
+    "spawn",
+]
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    keepalive: float
+    max_body: int
+
+
+SESSIONS: Final = web.AppKey("sessions", SessionStore)
+TRANSPORT: Final = web.AppKey("transport", TransportSettings)
+TASKS: Final = web.AppKey("tasks", set[asyncio.Task[None]])
+IDENTITY: Final = web.RequestKey("identity", str)
+"""Who sent the request, set by the authentication middleware: a key id, never a secret."""
+
+
+def http_error(status: type[web.HTTPException], message: str, **headers: str) -> web.HTTPException:
+    """An HTTP error with a small JSON body that says what to do."""
+    return status(
+        text=json.dumps({"error": message}),
+        content_type="application/json",
+        headers=headers or None,
+    )
+
+
+def jsonrpc_reply(message: Message, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(text=dumps(message), status=status, content_type="application/json", headers=headers)
+
+
+async def read_message(request: web.Request) -> Any:
+    """Read and decode the body within the size limit; ProtocolError for bad JSON."""
+    limit = request.app[TRANSPORT].max_body
+    if request.content_length is not None and request.content_length > limit:
+        raise http_error(web.HTTPRequestEntityTooLarge, f"body over {limit} bytes", Connection="close")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise http_error(
+            web.HTTPRequestEntityTooLarge, f"body over {limit} bytes", Connection="close"
+        ) from None
+    return parse_body(body)
+
+
+def protocol_error(exc: ProtocolError, status: int = 400) -> web.Response:
+    return jsonrpc_reply(exc.to_message(), status)
+
+
+def find_session(
+    request: web.Request, session_id: str | None, kind: Literal["sse", "streamable"], gateway: Gateway
+) -> Session:
+    """The live session this request names, or the HTTP error the transport spec asks for."""
+    if session_id is None:
+        raise http_error(web.HTTPBadRequest, "missing session id")
+    if not valid_session_id(session_id):
+        raise http_error(web.HTTPBadRequest, "malformed session id")
+    session = request.app[SESSIONS].get(session_id)
+    # A session of another route, transport or identity is as unknown as one that never existed:
+    # answering differently would let a caller probe for other people's session ids.
+    if (
+        session is None
+        or session.closed
+        or session.kind != kind
+        or session.gateway is not gateway
+        or session.identity != request.get(IDENTITY)
+    ):
+        raise http_error(web.HTTPNotFound, "unknown or ended session; initialize a new one")
+    return session
+
+
+def spawn(app: web.Application, coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run work that outlives its request, tracked so shutdown can wait for it."""
+    task = asyncio.create_task(coroutine)
+    app[TASKS].add(task)
+    task.add_done_callback(app[TASKS].discard)

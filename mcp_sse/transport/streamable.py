@@ -1,0 +1,197 @@
+"""Streamable HTTP (MCP 2025-03-26 to 2025-11-25): one endpoint for POST, GET and DELETE.
+
+A request is answered as plain JSON when nothing else needs to flow before its answer,
+and is upgraded to an SSE stream the moment the backend sends something related to
+it (progress, a sampling or elicitation request). Every SSE event carries an id
+`<stream>-<seq>`, so a client can resume any stream with `Last-Event-ID`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final
+
+from aiohttp import web
+
+from ..gateway import Gateway
+from ..protocol.jsonrpc import (
+    INVALID_REQUEST,
+    Message,
+    ProtocolError,
+    dumps,
+    error_response,
+    is_notification,
+    is_request,
+    validate_message,
+)
+from ..protocol.session import Session
+from ..protocol.versions import HANDSHAKE_VERSIONS, supports_batches, supports_priming
+from .common import (
+    IDENTITY,
+    SESSIONS,
+    TRANSPORT,
+    find_session,
+    http_error,
+    jsonrpc_reply,
+    protocol_error,
+    read_message,
+    spawn,
+)
+from .sse import encode, open_sse, pump
+
+__all__ = ["SESSION_HEADER", "VERSION_HEADER", "StreamableHTTP"]
+
+log = logging.getLogger("mcp_sse.transport")
+
+SESSION_HEADER: Final = "Mcp-Session-Id"
+VERSION_HEADER: Final = "MCP-Protocol-Version"
+UNSUPPORTED_VERSION: Final = -32022
+
+
+def _accepts(request: web.Request, *types: str) -> bool:
+    accept = request.headers.get("Accept", "")
+    offered = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    return "*/*" in offered or all(t in offered for t in types)
+
+
+class StreamableHTTP:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def _check_version(self, request: web.Request, session: Session | None) -> None:
+        version = request.headers.get(VERSION_HEADER)
+        if version is None:
+            return  # absent means 2025-03-26, which every session accepts
+        if version not in HANDSHAKE_VERSIONS:
+            # -32022 with the versions we speak tells a 2026-era client to fall back to initialize.
+            error = error_response(
+                None,
+                UNSUPPORTED_VERSION,
+                f"Unsupported protocol version: {version[:40]}",
+                {"supported": list(HANDSHAKE_VERSIONS), "requested": version[:40]},
+            )
+            raise web.HTTPBadRequest(text=dumps(error), content_type="application/json")
+        if session is not None and session.protocol_version and version != session.protocol_version:
+            raise http_error(
+                web.HTTPBadRequest,
+                f"{VERSION_HEADER} {version} does not match this session's {session.protocol_version}",
+            )
+
+    async def post(self, request: web.Request) -> web.StreamResponse:
+        if not _accepts(request, "application/json", "text/event-stream"):
+            raise http_error(
+                web.HTTPNotAcceptable, "Accept must include application/json and text/event-stream"
+            )
+        if request.content_type != "application/json":
+            raise http_error(web.HTTPUnsupportedMediaType, "Content-Type must be application/json")
+        session_id = request.headers.get(SESSION_HEADER)
+        try:
+            body = await read_message(request)
+        except ProtocolError as exc:
+            return protocol_error(exc)
+        if isinstance(body, dict) and body.get("method") == "initialize":
+            self._check_version(request, None)
+            return await self._initialize(request, body)
+        session = find_session(request, session_id, "streamable", self.gateway)
+        self._check_version(request, session)
+        try:
+            if isinstance(body, list):
+                if not body or not supports_batches(session.protocol_version):
+                    raise ProtocolError(INVALID_REQUEST, "Invalid Request: batches need protocol 2025-03-26")
+                return await self._batch(session, [validate_message(m) for m in body])
+            message = validate_message(body)
+        except ProtocolError as exc:
+            return protocol_error(exc)
+        if not is_request(message):
+            if is_notification(message):
+                self.gateway.handle_notification(session, message)
+            else:
+                self.gateway.handle_response(session, message)
+            return web.Response(status=202)
+        return await self._answer(request, session, message)
+
+    async def _initialize(self, request: web.Request, body: Message) -> web.Response:
+        try:
+            message = validate_message(body)
+        except ProtocolError as exc:
+            return protocol_error(exc)
+        if not is_request(message):
+            return protocol_error(ProtocolError(INVALID_REQUEST, "Invalid Request: initialize needs an id"))
+        store = request.app[SESSIONS]
+        if store.full():
+            raise http_error(
+                web.HTTPServiceUnavailable, "too many sessions; retry later", **{"Retry-After": "5"}
+            )
+        session = store.create("streamable", self.gateway, request.get(IDENTITY))
+        reply = await self.gateway.handle_request(session, message)
+        if "error" in reply:
+            session.close()
+            return jsonrpc_reply(reply)
+        return jsonrpc_reply(reply, headers={SESSION_HEADER: session.id})
+
+    async def _batch(self, session: Session, messages: list[Message]) -> web.Response:
+        if any(m.get("method") == "initialize" for m in messages):
+            return protocol_error(
+                ProtocolError(INVALID_REQUEST, "Invalid Request: initialize cannot be batched")
+            )
+        replies = []
+        for message in messages:
+            if is_request(message):
+                replies.append(self.gateway.handle_request(session, message))
+            elif is_notification(message):
+                self.gateway.handle_notification(session, message)
+            else:
+                self.gateway.handle_response(session, message)
+        if not replies:
+            return web.Response(status=202)
+        return web.Response(text=dumps(list(await asyncio.gather(*replies))), content_type="application/json")
+
+    async def _answer(self, request: web.Request, session: Session, message: Message) -> web.StreamResponse:
+        request_id = message["id"]
+        stream = session.open_request_stream(request_id)
+
+        async def run() -> None:
+            try:
+                reply = await self.gateway.handle_request(session, message)
+                stream.push(reply)
+            finally:
+                session.end_request_stream(request_id)
+
+        spawn(request.app, run())
+        await stream.wait_first()
+        if (only := stream.sole_event()) is not None:
+            session.streams.pop(stream.number, None)
+            return web.Response(text=only, content_type="application/json")
+        response = await open_sse(request)
+        try:
+            if supports_priming(session.protocol_version):
+                await response.write(encode("", event_id=stream.event_id(0)))
+            await pump(response, stream, 0, keepalive=request.app[TRANSPORT].keepalive, with_ids=True)
+        except (ConnectionError, RuntimeError):
+            pass  # the answer stays buffered for a Last-Event-ID resume
+        return response
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        if not _accepts(request, "text/event-stream"):
+            raise http_error(web.HTTPNotAcceptable, "Accept must include text/event-stream")
+        session = find_session(request, request.headers.get(SESSION_HEADER), "streamable", self.gateway)
+        self._check_version(request, session)
+        stream, after = session.standalone, session.standalone.delivered
+        last = request.headers.get("Last-Event-ID")
+        if last is not None and (resolved := session.resolve_event_id(last)) is not None:
+            stream, after = resolved
+        response = await open_sse(request)
+        try:
+            if supports_priming(session.protocol_version):
+                await response.write(encode("", event_id=stream.event_id(after)))
+            await pump(response, stream, after, keepalive=request.app[TRANSPORT].keepalive, with_ids=True)
+        except (ConnectionError, RuntimeError):
+            pass
+        return response
+
+    async def delete(self, request: web.Request) -> web.Response:
+        session = find_session(request, request.headers.get(SESSION_HEADER), "streamable", self.gateway)
+        self._check_version(request, session)
+        session.close()
+        return web.Response(status=204)

@@ -1,0 +1,1 @@
+"""upstream layer of mcp-sse (see ARCHITECTURE in the README)."""

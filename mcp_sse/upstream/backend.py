@@ -1,0 +1,255 @@
+"""What sits behind a route: the interface the gateway uses, and the supervised stdio backend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, Final
+
+from .. import __version__
+from ..protocol.jsonrpc import INTERNAL_ERROR, Message, error_response
+from ..protocol.session import Session
+from ..protocol.versions import LATEST_HANDSHAKE
+from .child import ChildProcess
+from .config import ServerSpec
+from .multiplex import Multiplexer
+
+__all__ = ["Backend", "StdioBackend"]
+
+log = logging.getLogger("mcp_sse.upstream")
+
+INIT_TIMEOUT: Final = 30.0
+BACKOFF_BASE: Final = 0.5
+BACKOFF_MAX: Final = 30.0
+CRASH_LOOP_COUNT: Final = 5
+"""This many exits in a row, each within STABLE_AFTER of its start, marks a backend failed."""
+STABLE_AFTER: Final = 30.0
+
+
+class Backend(ABC):
+    """An MCP server the gateway is a client of. Every method is safe to call in any state."""
+
+    name: str
+    state: str = "starting"
+    capabilities: dict[str, Any]
+    server_info: dict[str, Any]
+    instructions: str | None = None
+    timeout: float = 60.0
+
+    def __init__(self) -> None:
+        self._ready = asyncio.Event()
+        self.capabilities = {}
+        self.server_info = {}
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Begin serving; may return before the backend is ready."""
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        """Stop serving and release every process and task."""
+
+    async def wait_ready(self, timeout: float) -> bool:  # noqa: ASYNC109 - a bound, not a cancel scope
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        return self.state == "running"
+
+    @abstractmethod
+    async def request(self, session: Session, message: Message) -> Message:
+        """Answer one client request; the answer carries the client's own id."""
+
+    def notify(self, session: Session, message: Message) -> None:  # noqa: B027 - optional hook
+        """A client notification (cancellation, progress on a server request)."""
+
+    def respond(self, session: Session, message: Message) -> bool:
+        """A client's answer to a request the backend sent; False when it was not ours."""
+        return False
+
+    async def subscribe(self, session: Session, message: Message) -> Message:
+        return error_response(message["id"], INTERNAL_ERROR, f"backend {self.name!r} has no subscriptions")
+
+    async def unsubscribe(self, session: Session, message: Message) -> Message:
+        return {"jsonrpc": "2.0", "id": message["id"], "result": {}}
+
+    def attach(self, session: Session) -> None:  # noqa: B027 - optional hook
+        """A session initialized against this backend."""
+
+    def detach(self, session: Session) -> None:  # noqa: B027 - optional hook
+        """A session ended: drop what it had in flight."""
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state}
+
+
+class StdioBackend(Backend):
+    """A supervised child: initialized by the gateway itself, restarted with backoff, never a zombie."""
+
+    def __init__(self, spec: ServerSpec, *, max_line: int, base_env: Mapping[str, str]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.env = {**base_env, **spec.env}
+        self.name = spec.name
+        self.timeout = spec.timeout
+        self.max_line = max_line
+        self.restarts = 0
+        self.tool_count: int | None = None
+        self.last_error: str | None = None
+        self.mux = Multiplexer(spec.name, self._write)
+        self._child: ChildProcess | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def _write(self, message: Message) -> None:
+        if self._child is None or self.state not in ("running", "starting"):
+            raise ConnectionError(f"backend {self.name!r} is {self.state}")
+        self._child.write(message)
+
+    async def start(self) -> None:
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"backend-{self.name}")
+
+    async def _supervise(self) -> None:
+        failures = 0
+        while not self._stopping:
+            started = time.monotonic()
+            self.state = "starting"
+            try:
+                await self._run_once()
+            except Exception as exc:  # any start or handshake failure is a crash of this run
+                self.last_error = str(exc) or type(exc).__name__
+                log.error("backend %s: %s", self.name, self.last_error)
+            if self._stopping:
+                break
+            failures = failures + 1 if time.monotonic() - started < STABLE_AFTER else 1
+            if failures >= CRASH_LOOP_COUNT:
+                self.state = "failed"
+                self._ready.set()
+                log.error("backend %s: crashed %d times in a row; marked failed", self.name, failures)
+                return
+            self.state = "restarting"
+            self._ready.clear()
+            delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (failures - 1)) * random.uniform(0.8, 1.2)  # noqa: S311
+            log.warning("backend %s: restarting in %.1f s", self.name, delay)
+            await asyncio.sleep(delay)
+            self.restarts += 1
+
+    async def _run_once(self) -> None:
+        child = ChildProcess(
+            self.name,
+            self.spec.command,
+            self.spec.args,
+            self.env,
+            self.spec.cwd,
+            max_line=self.max_line,
+            on_message=self.mux.on_message,
+            on_oversize=lambda upstream_id: self.mux.fail_one(
+                upstream_id, f"backend {self.name!r} sent a message over {self.max_line} bytes"
+            ),
+        )
+        try:
+            await child.start()
+        except OSError as exc:
+            raise RuntimeError(f"cannot start {self.spec.command!r}: {exc.strerror or exc}") from None
+        self._child = child
+        log.info("backend %s: started pid %s", self.name, child.pid)
+        exited = asyncio.create_task(child.wait())
+        try:
+            handshake = asyncio.create_task(self._initialize())
+            done, _ = await asyncio.wait({handshake, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if handshake not in done:
+                handshake.cancel()
+                raise RuntimeError(f"exited with code {exited.result()} during initialize")
+            handshake.result()
+            self.state = "running"
+            self._ready.set()
+            for session in list(self.mux.sessions.values()):
+                # A restarted child may serve different tools; clients should list again.
+                if "tools" in self.capabilities:
+                    session.send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+            code = await exited
+            self.last_error = f"exited with code {code}"
+            log.warning("backend %s: exited with code %s", self.name, code)
+        finally:
+            self.state = "stopped" if self._stopping else "restarting"
+            self._ready.clear()
+            self.mux.fail_all(f"backend {self.name!r} exited; the request was not completed")
+            if not exited.done():
+                exited.cancel()
+            await child.stop()
+            self._child = None
+
+    async def _initialize(self) -> None:
+        params = {
+            "protocolVersion": LATEST_HANDSHAKE,
+            "capabilities": {"sampling": {}, "elicitation": {}, "roots": {"listChanged": True}},
+            "clientInfo": {"name": "mcp-sse", "version": __version__},
+        }
+        reply = await self.mux.call(
+            None, {"jsonrpc": "2.0", "id": "init", "method": "initialize", "params": params}, INIT_TIMEOUT
+        )
+        result = reply.get("result")
+        if not isinstance(result, dict):
+            raise RuntimeError(f"initialize failed: {reply.get('error', {}).get('message', 'no result')}")
+        self.capabilities = dict(result.get("capabilities") or {})
+        self.server_info = dict(result.get("serverInfo") or {})
+        self.instructions = result.get("instructions")
+        assert self._child is not None
+        self._child.write({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        if "tools" in self.capabilities:
+            tools = await self.mux.call(
+                None, {"jsonrpc": "2.0", "id": "tools", "method": "tools/list", "params": {}}, INIT_TIMEOUT
+            )
+            self.tool_count = len(tools.get("result", {}).get("tools", []))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        if self._child is not None:
+            await self._child.stop()
+        self.state = "stopped"
+
+    async def request(self, session: Session, message: Message) -> Message:
+        if self.state != "running" and not await self.wait_ready(min(self.timeout, 15.0)):
+            return error_response(message["id"], INTERNAL_ERROR, f"backend {self.name!r} is {self.state}")
+        return await self.mux.call(session, message, self.timeout)
+
+    def notify(self, session: Session, message: Message) -> None:
+        self.mux.client_notification(session, message)
+
+    def respond(self, session: Session, message: Message) -> bool:
+        return self.mux.client_response(session, message)
+
+    async def subscribe(self, session: Session, message: Message) -> Message:
+        uri = str((message.get("params") or {}).get("uri"))
+        if not self.mux.subscribe(session, uri):
+            return {"jsonrpc": "2.0", "id": message["id"], "result": {}}
+        reply = await self.request(session, message)
+        if "error" in reply:
+            self.mux.unsubscribe(session, uri)
+        return reply
+
+    async def unsubscribe(self, session: Session, message: Message) -> Message:
+        self.mux.unsubscribe(session, str((message.get("params") or {}).get("uri")))
+        return {"jsonrpc": "2.0", "id": message["id"], "result": {}}
+
+    def attach(self, session: Session) -> None:
+        self.mux.attach(session)
+
+    def detach(self, session: Session) -> None:
+        self.mux.detach(session)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "pid": self._child.pid if self._child and self.state == "running" else None,
+            "restarts": self.restarts,
+            "tools": self.tool_count,
+            "sessions": len(self.mux.sessions),
+            "last_error": self.last_error,
+        }
