@@ -18,7 +18,7 @@ from .protocol.session import SessionStore
 from .security.auth import bearer_auth
 from .security.errors import error_middleware
 from .settings import GATEWAY_SECRETS, Settings, read_env_file
-from .transport.common import SESSIONS, TASKS, TRANSPORT, TransportSettings
+from .state import BACKENDS, SESSIONS, TASKS, TRANSPORT, TransportSettings
 from .transport.legacy_sse import LegacySSE
 from .transport.streamable import StreamableHTTP
 from .upstream.backend import Backend, StdioBackend
@@ -26,11 +26,10 @@ from .upstream.builtin import BuiltinBackend
 from .upstream.config import load_servers
 from .upstream.default import default_toolset
 
-__all__ = ["BACKENDS", "build_backends", "create_app"]
+__all__ = ["build_backends", "create_app"]
 
 log = logging.getLogger("mcp_sse")
 
-BACKENDS: Final = web.AppKey("backends", dict[str, Backend])
 REAP_INTERVAL: Final = 30.0
 
 

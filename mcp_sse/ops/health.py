@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import __version__
+from ..state import BACKENDS
 
 __all__ = ["health", "servers"]
 
@@ -14,6 +15,4 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def servers(request: web.Request) -> web.Response:
-    from ..app import BACKENDS  # the app module imports this one
-
     return web.json_response({"servers": [b.status() for b in request.app[BACKENDS].values()]})

@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from ..settings import Secret
-from ..transport.common import IDENTITY
+from ..state import IDENTITY
 
 __all__ = ["bearer_auth"]
 

@@ -5,21 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 from aiohttp import web
 
 from ..gateway import Gateway
 from ..protocol.jsonrpc import Message, ProtocolError, dumps, parse_body
-from ..protocol.session import Session, SessionStore, valid_session_id
+from ..protocol.session import Session, valid_session_id
+from ..state import IDENTITY, SESSIONS, TASKS, TRANSPORT
 
 __all__ = [
-    "IDENTITY",
-    "SESSIONS",
-    "TASKS",
-    "TRANSPORT",
-    "TransportSettings",
     "find_session",
     "http_error",
     "jsonrpc_reply",
@@ -27,19 +22,6 @@ __all__ = [
     "read_message",
     "spawn",
 ]
-
-
-@dataclass(frozen=True)
-class TransportSettings:
-    keepalive: float
-    max_body: int
-
-
-SESSIONS: Final = web.AppKey("sessions", SessionStore)
-TRANSPORT: Final = web.AppKey("transport", TransportSettings)
-TASKS: Final = web.AppKey("tasks", set[asyncio.Task[None]])
-IDENTITY: Final = web.RequestKey("identity", str)
-"""Who sent the request, set by the authentication middleware: a key id, never a secret."""
 
 
 def http_error(status: type[web.HTTPException], message: str, **headers: str) -> web.HTTPException:

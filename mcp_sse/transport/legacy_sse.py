@@ -17,10 +17,8 @@ from ..protocol.jsonrpc import (
 )
 from ..protocol.session import Session
 from ..protocol.versions import supports_batches
+from ..state import IDENTITY, SESSIONS, TRANSPORT
 from .common import (
-    IDENTITY,
-    SESSIONS,
-    TRANSPORT,
     find_session,
     http_error,
     protocol_error,

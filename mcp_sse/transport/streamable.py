@@ -27,10 +27,8 @@ from ..protocol.jsonrpc import (
 )
 from ..protocol.session import Session
 from ..protocol.versions import HANDSHAKE_VERSIONS, supports_batches, supports_priming
+from ..state import IDENTITY, SESSIONS, TRANSPORT
 from .common import (
-    IDENTITY,
-    SESSIONS,
-    TRANSPORT,
     find_session,
     http_error,
     jsonrpc_reply,

@@ -1,0 +1,51 @@
+"""Typed keys for application and request state, in one place so every layer agrees on them."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from aiohttp import web
+
+from .protocol.session import SessionStore
+
+if TYPE_CHECKING:
+    from .upstream.backend import Backend
+
+__all__ = [
+    "BACKENDS",
+    "CLIENT_IP",
+    "IDENTITY",
+    "REQUEST_ID",
+    "SECURE",
+    "SESSIONS",
+    "TASKS",
+    "TRANSPORT",
+    "IPAddress",
+    "TransportSettings",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    keepalive: float
+    max_body: int
+
+
+SESSIONS: Final = web.AppKey("sessions", SessionStore)
+TRANSPORT: Final = web.AppKey("transport", TransportSettings)
+TASKS: Final = web.AppKey("tasks", set[asyncio.Task[None]])
+BACKENDS: Final = web.AppKey("backends", dict[str, "Backend"])
+
+REQUEST_ID: Final = web.RequestKey("request_id", str)
+"""A random id per request, echoed in `X-Request-Id` and in every audit line about the request."""
+CLIENT_IP: Final[web.RequestKey[IPAddress]] = web.RequestKey("client_ip")
+"""The caller: the socket peer, or the right-most untrusted X-Forwarded-For hop behind a trusted proxy."""
+SECURE: Final = web.RequestKey("secure", bool)
+"""True when the request came over TLS, directly or per a trusted proxy's X-Forwarded-Proto."""
+IDENTITY: Final = web.RequestKey("identity", str)
+"""Who sent the request, set by authentication: a key id, never a secret."""
