@@ -1,0 +1,87 @@
+"""Fixtures: a real gateway on a loopback port, real stdio children, the official MCP SDK client."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from mcp import Client
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+
+from mcp_sse.app import create_app
+from mcp_sse.settings import Secret, Settings
+
+SERVERS = Path(__file__).parent / "servers"
+SDK_SERVER = {"command": sys.executable, "args": [str(SERVERS / "sdk_server.py")]}
+TIME_SERVER = {"command": sys.executable, "args": ["-m", "mcp_server_time", "--local-timezone", "UTC"]}
+
+
+@dataclass
+class Running:
+    url: str
+    token: str
+    app: web.Application
+    server: TestServer
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@pytest.fixture
+def token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+StartGateway = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def start_gateway(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], token: str, tmp_path: Path
+) -> StartGateway:
+    """Start create_app() on 127.0.0.1:<free port>; `servers` maps names to Claude-format entries."""
+
+    async def start(servers: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> Running:
+        settings: dict[str, Any] = {"auth_token": Secret(token), **overrides}
+        if servers is not None:
+            path = tmp_path / "servers.json"
+            path.write_text(json.dumps({"mcpServers": servers}))
+            settings["servers_file"] = path
+        app = create_app(Settings(**settings))
+        server = await aiohttp_server(app, host="127.0.0.1")
+        return Running(str(server.make_url("")).rstrip("/"), token, app, server)
+
+    return start
+
+
+@asynccontextmanager
+async def mcp_client(
+    url: str, token: str, *, transport: str = "streamable", mode: str = "legacy", **kwargs: Any
+) -> AsyncIterator[Client]:
+    """The official SDK client, over Streamable HTTP (`url` + /mcp) or legacy SSE (`url` + /sse)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    if transport == "sse":
+        async with Client(sse_client(f"{url}/sse", headers=headers), mode=mode, **kwargs) as client:
+            yield client
+        return
+    timeout = httpx2.Timeout(30, read=300)
+    async with httpx2.AsyncClient(headers=headers, timeout=timeout) as http:
+        async with Client(streamable_http_client(f"{url}/mcp", http_client=http), mode=mode, **kwargs) as client:
+            yield client
+
+
+def text_of(result: Any) -> str:
+    """The text of a CallToolResult's first content block."""
+    return str(result.content[0].text)
