@@ -129,7 +129,11 @@ def _print_generated_token(settings: Settings, url: str) -> None:
 
 async def serve(settings: Settings, env_file: Path | None = None) -> None:
     app = create_app(settings, env_file=env_file)
-    runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_grace, access_log=None)
+    # Cancelling a handler when its client goes away is how an SSE stream learns of it at once;
+    # work that must outlive a request runs in its own task (transport.common.spawn).
+    runner = web.AppRunner(
+        app, shutdown_timeout=settings.shutdown_grace, access_log=None, handler_cancellation=True
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     await site.start()

@@ -60,7 +60,9 @@ async def start_gateway(
             path.write_text(json.dumps({"mcpServers": servers}))
             settings["servers_file"] = path
         app = create_app(Settings(**settings))
-        server = await aiohttp_server(app, host="127.0.0.1")
+        server = await aiohttp_server(
+            app, host="127.0.0.1"
+        )  # TestServer cancels handlers on disconnect, as serve() does
         return Running(str(server.make_url("")).rstrip("/"), token, app, server)
 
     return start
@@ -78,10 +80,57 @@ async def mcp_client(
         return
     timeout = httpx2.Timeout(30, read=300)
     async with httpx2.AsyncClient(headers=headers, timeout=timeout) as http:
-        async with Client(streamable_http_client(f"{url}/mcp", http_client=http), mode=mode, **kwargs) as client:
+        async with Client(
+            streamable_http_client(f"{url}/mcp", http_client=http), mode=mode, **kwargs
+        ) as client:
             yield client
 
 
 def text_of(result: Any) -> str:
     """The text of a CallToolResult's first content block."""
     return str(result.content[0].text)
+
+
+@dataclass
+class Event:
+    event: str = "message"
+    data: str = ""
+    id: str | None = None
+    comment: str | None = None
+
+
+async def next_event(response: Any, timeout: float = 10.0) -> Event:
+    """Read one SSE event (or one comment line) from an aiohttp response."""
+    import asyncio
+
+    event = Event()
+    data: list[str] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            raw = await response.content.readline()
+            if not raw:
+                raise EOFError("stream ended")
+            line = raw.decode().rstrip("\n")
+            if line == "":
+                if data or event.id is not None or event.event != "message":
+                    event.data = "\n".join(data)
+                    return event
+                continue
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "":
+                return Event(comment=value)
+            if field == "data":
+                data.append(value)
+            elif field == "event":
+                event.event = value
+            elif field == "id":
+                event.id = value
+
+
+async def next_message(response: Any, timeout: float = 10.0) -> dict[str, Any]:
+    """The next JSON-RPC message on an SSE stream, skipping keep-alives and priming events."""
+    while True:
+        event = await next_event(response, timeout)
+        if event.comment is None and event.data:
+            return dict(json.loads(event.data))

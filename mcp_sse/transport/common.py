@@ -40,15 +40,17 @@ def jsonrpc_reply(message: Message, status: int = 200, headers: dict[str, str] |
 async def read_message(request: web.Request) -> Any:
     """Read and decode the body within the size limit; ProtocolError for bad JSON."""
     limit = request.app[TRANSPORT].max_body
-    if request.content_length is not None and request.content_length > limit:
-        raise http_error(web.HTTPRequestEntityTooLarge, f"body over {limit} bytes", Connection="close")
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise http_error(
-            web.HTTPRequestEntityTooLarge, f"body over {limit} bytes", Connection="close"
-        ) from None
-    return parse_body(body)
+    if request.content_length is None or request.content_length <= limit:
+        try:
+            return parse_body(await request.read())
+        except web.HTTPRequestEntityTooLarge:
+            pass  # a chunked body that grew past the limit
+    raise web.HTTPRequestEntityTooLarge(
+        max_size=limit,
+        actual_size=request.content_length or limit + 1,
+        text=json.dumps({"error": f"body over {limit} bytes"}),
+        content_type="application/json",
+    )
 
 
 def protocol_error(exc: ProtocolError, status: int = 400) -> web.Response:
