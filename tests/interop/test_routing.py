@@ -61,10 +61,14 @@ async def test_sampling_request_goes_to_the_session_that_caused_it(
     asked: dict[str, list[str]] = {"a": [], "b": []}
 
     def sampler(name: str) -> Any:
-        async def callback(context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        async def callback(
+            context: Any, params: types.CreateMessageRequestParams
+        ) -> types.CreateMessageResult:
             asked[name].append(params.messages[0].content.text)
             return types.CreateMessageResult(
-                role="assistant", content=types.TextContent(type="text", text=f"answer from {name}"), model="m"
+                role="assistant",
+                content=types.TextContent(type="text", text=f"answer from {name}"),
+                model="m",
             )
 
         return callback

@@ -43,8 +43,9 @@ async def test_third_party_child_mcp_server_time(start_gateway: StartGateway) ->
         assert not result.is_error
         assert "Europe/Paris" in text_of(result)
     async with mcp_client(gw.url, gw.token, transport="sse") as client:
-        result = await client.call_tool("convert_time", {
-            "source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"})
+        result = await client.call_tool(
+            "convert_time", {"source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"}
+        )
         assert "21:00" in text_of(result)
 
 
