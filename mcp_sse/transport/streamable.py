@@ -88,8 +88,10 @@ class StreamableHTTP:
             body = await read_message(request)
         except ProtocolError as exc:
             return protocol_error(exc)
+        # An unsupported version is refused before the session lookup: a 2026-era discover probe
+        # carries no session id and must learn which versions we speak (-32022) to fall back.
+        self._check_version(request, None)
         if isinstance(body, dict) and body.get("method") == "initialize":
-            self._check_version(request, None)
             return await self._initialize(request, body)
         session = find_session(request, session_id, "streamable", self.gateway)
         self._check_version(request, session)
