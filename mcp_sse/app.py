@@ -11,14 +11,26 @@ from pathlib import Path
 from typing import Final
 
 from aiohttp import web
+from aiohttp_session import session_middleware
 
 from .gateway import Gateway
 from .ops.health import health, servers
 from .protocol.session import SessionStore
-from .security.auth import bearer_auth
+from .security.audit import AuditLog
+from .security.auth import ROUTE_BACKENDS, AuthSettings, authentication, authorization
+from .security.client_ip import client_ip_middleware
+from .security.cookies import CookieStorage, Logins, add_auth_routes
+from .security.cors import setup_cors
 from .security.errors import error_middleware
+from .security.headers import install_security_headers
+from .security.ipfilter import ip_allowlist_middleware
+from .security.keys import KeysFileError, KeyStore
+from .security.origin import origin_middleware
+from .security.policy import KeyPolicy
+from .security.ratelimit import FailureLockout, RateLimiter, ip_rate_limit_middleware
+from .security.request_id import install_request_id, request_id_middleware
 from .settings import GATEWAY_SECRETS, Settings, read_env_file
-from .state import BACKENDS, SESSIONS, TASKS, TRANSPORT, TransportSettings
+from .state import AUDIT, BACKENDS, KEYS, LOGINS, SESSIONS, TASKS, TRANSPORT, TransportSettings
 from .transport.legacy_sse import LegacySSE
 from .transport.streamable import StreamableHTTP
 from .upstream.backend import Backend, StdioBackend
@@ -26,11 +38,11 @@ from .upstream.builtin import BuiltinBackend
 from .upstream.config import load_servers
 from .upstream.default import default_toolset
 
-__all__ = ["build_backends", "create_app"]
+__all__ = ["build_backends", "create_app", "end_identities", "reload_keys"]
 
 log = logging.getLogger("mcp_sse")
 
-REAP_INTERVAL: Final = 30.0
+REAP_INTERVAL: Final = 5.0
 
 
 def build_backends(
@@ -52,13 +64,16 @@ def build_backends(
 def _add_mcp_routes(app: web.Application, prefix: str, gateway: Gateway) -> None:
     legacy = LegacySSE(gateway, f"{prefix}/messages")
     streamable = StreamableHTTP(gateway)
-    app.router.add_get(f"{prefix}/sse", legacy.stream)
-    app.router.add_post(f"{prefix}/messages", legacy.post)
+    paths = [f"{prefix}/sse", f"{prefix}/messages", f"{prefix}/mcp", f"{prefix}/mcp/"]
+    app.router.add_get(paths[0], legacy.stream)
+    app.router.add_post(paths[1], legacy.post)
     # Both spellings are served: a redirect from /mcp to /mcp/ breaks POSTing clients.
-    for path in (f"{prefix}/mcp", f"{prefix}/mcp/"):
+    for path in paths[2:]:
         app.router.add_post(path, streamable.post)
         app.router.add_get(path, streamable.get, allow_head=False)
         app.router.add_delete(path, streamable.delete)
+    for path in paths:
+        app[ROUTE_BACKENDS][path] = gateway.name
 
 
 def create_app(
@@ -68,14 +83,45 @@ def create_app(
     env_file: Path | None = None,
     backends: dict[str, Backend] | None = None,
 ) -> web.Application:
-    if settings.auth_token is None:
-        raise ValueError("create_app needs settings.auth_token; the CLI generates one for loopback runs")
+    """The whole server for these settings. Secrets must be set: the CLI fails closed before this."""
     if backends is None:
         backends = build_backends(settings, os.environ if environ is None else environ, env_file)
+    keys = KeyStore(settings.auth_token, settings.keys_file)
+    audit = AuditLog(settings.audit_log, log_values=settings.audit_arguments)
+    logins = Logins(lifetime=settings.cookie_lifetime, idle=settings.cookie_idle)
+    if settings.session_secret is None:
+        raise ValueError("create_app needs settings.session_secret; the CLI makes one for loopback runs")
+    limiter = RateLimiter(
+        window_ms=settings.rate_limit_window_ms, max_requests=settings.rate_limit_max_requests
+    )
+    auth_settings = AuthSettings(
+        url_auth=settings.url_auth,
+        health_public=settings.health_public,
+        allowed_origins=frozenset(settings.allowed_origins),
+        rate_limit=settings.rate_limit_max_requests,
+        max_streams=settings.max_streams_per_key,
+    )
     # Outermost first: reading this list is reading the path of every request.
     middlewares = [
         error_middleware(),
-        bearer_auth(token=settings.auth_token),
+        request_id_middleware(),
+        client_ip_middleware(trusted_proxies=settings.trusted_proxies),
+        ip_allowlist_middleware(allowed=settings.allowed_ips, audit=audit),
+        origin_middleware(
+            allowed_origins=settings.allowed_origins,
+            allowed_hosts=settings.allowed_hosts or None,
+            audit=audit,
+        ),
+        ip_rate_limit_middleware(
+            limiter=limiter,
+            lockout=FailureLockout(
+                max_failures=settings.lockout_failures, lockout_seconds=settings.lockout_seconds
+            ),
+            audit=audit,
+        ),
+        session_middleware(CookieStorage(settings.session_secret, lifetime=settings.cookie_lifetime)),
+        authentication(keys=keys, logins=logins, limiter=limiter, audit=audit, settings=auth_settings),
+        authorization(),
     ]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body)
     app[SESSIONS] = SessionStore(
@@ -86,18 +132,72 @@ def create_app(
     app[TRANSPORT] = TransportSettings(keepalive=settings.keepalive, max_body=settings.max_body)
     app[TASKS] = set()
     app[BACKENDS] = backends
+    app[KEYS] = keys
+    app[AUDIT] = audit
+    app[LOGINS] = logins
+    app[ROUTE_BACKENDS] = {}
 
     app.router.add_get("/health", health)
     app.router.add_get("/mcp/servers", servers)
-    if len(backends) == 1:
-        _add_mcp_routes(app, "", Gateway(next(iter(backends.values())), name=next(iter(backends))))
-    for name, backend in backends.items():
-        _add_mcp_routes(app, f"/servers/{name}", Gateway(backend, name=name))
+    add_auth_routes(app)
 
+    def gateway(name: str, backend: Backend) -> Gateway:
+        return Gateway(
+            backend,
+            name=name,
+            policy=KeyPolicy(keys, name),
+            audit=audit,
+            audit_arguments=settings.audit_arguments,
+        )
+
+    if len(backends) == 1:
+        _add_mcp_routes(app, "", gateway(*next(iter(backends.items()))))
+    for name, backend in backends.items():
+        _add_mcp_routes(app, f"/servers/{name}", gateway(name, backend))
+
+    setup_cors(app, allowed_origins=settings.allowed_origins)
+    install_security_headers(app, hsts=settings.tls)
+    install_request_id(app)
     app.cleanup_ctx.append(_backends_lifecycle)
-    app.cleanup_ctx.append(_session_reaper)
+    app.cleanup_ctx.append(_reaper)
     app.on_shutdown.append(_close_streams)
+    app.on_cleanup.append(lambda app: _close_audit(app))
     return app
+
+
+def reload_keys(app: web.Application) -> None:
+    """SIGHUP: load the keys again; the sessions and logins of keys that are gone end at once."""
+    try:
+        removed = app[KEYS].reload()
+    except KeysFileError as exc:
+        app[AUDIT].event("keys.reload", None, outcome="failed", error=str(exc))
+        log.error("keys not reloaded, the old ones stay in force: %s", exc)
+        return
+    ended = end_identities(app, removed)
+    app[AUDIT].event(
+        "keys.reload",
+        None,
+        outcome="ok",
+        keys=len(app[KEYS].by_id),
+        removed=sorted(removed),
+        sessions_closed=ended,
+    )
+
+
+def end_identities(app: web.Application, key_ids: set[str]) -> int:
+    """Close every MCP session and cookie login of these keys (revoked or expired)."""
+    if not key_ids:
+        return 0
+    ended = 0
+    for session in app[SESSIONS].all():
+        if session.identity in key_ids:
+            session.close()
+            ended += 1
+    logins = app[LOGINS]
+    if logins is not None:
+        for key_id in key_ids:
+            logins.end_key(key_id)
+    return ended
 
 
 async def _backends_lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -107,18 +207,33 @@ async def _backends_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*(b.stop() for b in app[BACKENDS].values()), return_exceptions=True)
 
 
-async def _session_reaper(app: web.Application) -> AsyncIterator[None]:
+async def _reaper(app: web.Application) -> AsyncIterator[None]:
+    """Idle sessions and expired keys: checked often enough that an expired key's streams end promptly."""
+
     async def reap() -> None:
         while True:
             await asyncio.sleep(REAP_INTERVAL)
             if expired := app[SESSIONS].expire_idle():
                 log.info("closed %d idle sessions", expired)
+            gone = {
+                s.identity
+                for s in app[SESSIONS].all()
+                if s.identity and app[KEYS].current(s.identity) is None
+            }
+            if gone and (ended := end_identities(app, gone)):
+                app[AUDIT].event("session.expired", None, keys=sorted(gone), sessions_closed=ended)
+            if (logins := app[LOGINS]) is not None:
+                logins.prune()
 
     task = asyncio.create_task(reap())
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _close_audit(app: web.Application) -> None:
+    app[AUDIT].close()
 
 
 async def _close_streams(app: web.Application) -> None:

@@ -18,24 +18,29 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aiohttp import web
+from cryptography.fernet import Fernet
 
 from . import __version__
 from .app import build_backends, create_app
 from .ops import sd_notify
+from .security.check import audit_settings
+from .security.ipfilter import allows_any
+from .security.keys import KeysFileError, generate_key
 from .settings import Secret, Settings, SettingsError
 from .upstream.config import ConfigError
 
 __all__ = ["main"]
 
 log = logging.getLogger("mcp_sse")
-COMMANDS = ("serve", "check-config")
+COMMANDS = ("serve", "check", "check-config", "generate-key")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="server_secure.py",
         description="Serve MCP servers over SSE and Streamable HTTP, securely.",
-        epilog="Commands: serve (default), check-config. Settings also come from the environment and .env.",
+        epilog="Commands: serve (default), check, check-config, generate-key. "
+        "Settings also come from the environment and .env (see README).",
     )
     parser.add_argument("command", nargs="?", choices=COMMANDS, default="serve", help=argparse.SUPPRESS)
     parser.add_argument("--host", help="address to bind (HOST, default 127.0.0.1)")
@@ -47,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check-config", action="store_true", help="validate settings and servers file, then exit"
     )
+    parser.add_argument(
+        "--check", action="store_true", help="audit the settings for production; exit 1 if critical"
+    )
+    parser.add_argument("--name", help="generate-key: a name for the new key")
+    parser.add_argument("--role", default="operator", help="generate-key: admin, operator or viewer")
     parser.add_argument("--version", action="version", version=f"mcp-sse {__version__}")
     return parser
 
@@ -72,24 +82,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mcp-sse: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "generate-key":
+        return generate_key_command(args.name, args.role)
     if args.command == "check-config" or args.check_config:
         return check_config(settings, _env_file(args.env_file))
-    if settings.auth_token is None or not settings.auth_token.reveal():
-        if not settings.loopback:
-            print(
-                f"mcp-sse: refusing to listen on {settings.host} without AUTH_TOKEN. "
-                "Run `python setup_secure.py` or set AUTH_TOKEN.",
-                file=sys.stderr,
-            )
-            return 2
-        token = secrets.token_urlsafe(32)
-        settings = Settings(**{**settings.__dict__, "auth_token": Secret(token), "token_generated": True})
+    if args.command == "check" or args.check:
+        return check_command(settings, _env_file(args.env_file))
+    try:
+        settings = fail_closed(settings)
+    except SettingsError as exc:
+        print(f"mcp-sse: {exc}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(serve(settings, _env_file(args.env_file)))
     except (ConfigError, OSError) as exc:
         print(f"mcp-sse: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def fail_closed(settings: Settings) -> Settings:
+    """Refuse a network bind without secrets; on loopback, make this run's secrets instead."""
+    has_token = settings.auth_token is not None and bool(settings.auth_token.reveal())
+    if not settings.loopback:
+        if not has_token and settings.keys_file is None:
+            raise SettingsError(
+                f"refusing to listen on {settings.host} without AUTH_TOKEN or KEYS_FILE. "
+                "Run `python setup_secure.py` or set AUTH_TOKEN."
+            )
+        if settings.session_secret is None:
+            raise SettingsError(
+                f"refusing to listen on {settings.host} without SESSION_SECRET (it signs cookie logins). "
+                "Run `python setup_secure.py` or set SESSION_SECRET."
+            )
+        if allows_any(settings.allowed_ips):
+            log.warning("ALLOWED_IPS lets any address in while bound to %s", settings.host)
+    if not has_token and settings.keys_file is None:
+        settings = settings.replace(auth_token=Secret(secrets.token_urlsafe(32)), token_generated=True)
+    if settings.session_secret is None:
+        settings = settings.replace(session_secret=Secret(Fernet.generate_key().decode()))
+    return settings
+
+
+def generate_key_command(name: str | None, role: str) -> int:
+    if not name:
+        print("mcp-sse: generate-key needs --name", file=sys.stderr)
+        return 2
+    try:
+        secret, entry = generate_key(name, role)
+    except KeysFileError as exc:
+        print(f"mcp-sse: {exc}", file=sys.stderr)
+        return 2
+    print(f"Secret for {name!r} (shown once; only its SHA-256 is stored):\n\n    {secret}\n")
+    print('Add this entry to the "keys" list of your KEYS_FILE, then reload (systemctl reload mcp-sse):\n')
+    print("    " + json.dumps(entry))
+    return 0
+
+
+def check_command(settings: Settings, env_file: Path | None) -> int:
+    findings = audit_settings(settings, env_file)
+    for finding in findings:
+        print(f"{finding.level}: {finding.message}")
+    return 1 if any(f.level == "CRITICAL" for f in findings) else 0
 
 
 def check_config(settings: Settings, env_file: Path | None) -> int:

@@ -8,9 +8,13 @@ with clients of any other.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Callable
-from typing import Any
+import time
+from typing import Any, Protocol
+
+import jsonschema
 
 from . import __version__
 from .protocol.jsonrpc import (
@@ -26,21 +30,45 @@ from .protocol.session import Session
 from .protocol.versions import negotiate
 from .upstream.backend import Backend
 
-__all__ = ["Gateway", "Policy"]
+__all__ = ["Auditor", "Gateway", "Policy"]
 
 log = logging.getLogger("mcp_sse.gateway")
 
-Policy = Callable[[Session, Message], Message | None]
-"""Called before a request is forwarded; returns an error response to refuse it, else None."""
+
+class Policy(Protocol):
+    """Filled in by the security layer: may this session send this request, and what may it see."""
+
+    def check(self, session: Session, message: Message) -> Message | None:
+        """An error response to refuse the request, or None to let it through."""
+
+    def filter(self, session: Session, method: str, result: dict[str, Any]) -> dict[str, Any]:
+        """The part of a list result this session may see."""
+
+
+class Auditor(Protocol):
+    def event(self, name: str, request: Any = None, **fields: Any) -> None: ...
+
 
 _LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 
 
 class Gateway:
-    def __init__(self, backend: Backend, *, name: str) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        name: str,
+        policy: Policy | None = None,
+        audit: Auditor | None = None,
+        audit_arguments: bool = False,
+    ) -> None:
         self.backend = backend
         self.name = name
-        self.policy: Policy | None = None
+        self.policy = policy
+        self.audit = audit
+        self.audit_arguments = audit_arguments
+        self._schemas: dict[str, dict[str, Any]] = {}
+        self._validators: dict[str, Any] = {}
 
     async def handle_request(self, session: Session, message: Message) -> Message:
         method: str = message["method"]
@@ -58,7 +86,7 @@ class Gateway:
                 return error_response(request_id, INVALID_PARAMS, f"level must be one of {list(_LOG_LEVELS)}")
             session.log_level = level
             return result_response(request_id, {})
-        if self.policy is not None and (refusal := self.policy(session, message)) is not None:
+        if self.policy is not None and (refusal := self.policy.check(session, message)) is not None:
             return refusal
         if method == "resources/subscribe":
             return await self.backend.subscribe(session, message)
@@ -67,7 +95,93 @@ class Gateway:
         if method == "server/discover":
             # The 2026-07-28 stateless era is not served on a session; clients fall back to initialize.
             return error_response(request_id, METHOD_NOT_FOUND, "Method not found: server/discover")
-        return await self.backend.request(session, message)
+        if method == "tools/call":
+            return await self._call_tool(session, message)
+        reply = await self.backend.request(session, message)
+        result = reply.get("result")
+        if method == "tools/list" and isinstance(result, dict):
+            self._remember_schemas(result)
+        if self.policy is not None and isinstance(result, dict) and method.endswith("/list"):
+            reply = {**reply, "result": self.policy.filter(session, method, result)}
+        return reply
+
+    def _remember_schemas(self, result: dict[str, Any]) -> None:
+        for tool in result.get("tools") or []:
+            if isinstance(tool, dict) and isinstance(tool.get("inputSchema"), dict):
+                name = str(tool.get("name"))
+                if self._schemas.get(name) != tool["inputSchema"]:
+                    self._schemas[name] = tool["inputSchema"]
+                    self._validators.pop(name, None)
+
+    def _invalid_arguments(self, tool: str, arguments: Any) -> str | None:
+        """Why the arguments do not fit the tool's inputSchema, or None (also when no schema is known)."""
+        if not isinstance(arguments, dict):
+            return "arguments must be an object"
+        schema = self._schemas.get(tool)
+        if schema is None:
+            return None
+        validator = self._validators.get(tool)
+        if validator is None:
+            try:
+                cls = jsonschema.validators.validator_for(schema)
+                cls.check_schema(schema)
+            except jsonschema.SchemaError:
+                log.warning(
+                    "backend %s: tool %s has an invalid inputSchema; not checked", self.name, tool[:100]
+                )
+                self._schemas.pop(tool)
+                return None
+            validator = self._validators[tool] = cls(schema)
+        error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
+        if error is None:
+            return None
+        where = ".".join(str(p) for p in error.absolute_path) or "(arguments)"
+        return f"{where}: {error.message[:200]}"
+
+    async def _call_tool(self, session: Session, message: Message) -> Message:
+        params: dict[str, Any] = message.get("params") or {}
+        tool = str(params.get("name", ""))
+        arguments = params.get("arguments", {})
+        problem = self._invalid_arguments(tool, arguments)
+        started = time.monotonic()
+        if problem is not None:
+            reply = error_response(
+                message["id"], INVALID_PARAMS, f"Invalid params for tool {tool[:100]!r}: {problem}"
+            )
+        else:
+            reply = await self.backend.request(session, message)
+        if self.audit is not None:
+            self._audit_call(session, tool, arguments, reply, time.monotonic() - started)
+        return reply
+
+    def _audit_call(
+        self, session: Session, tool: str, arguments: Any, reply: Message, seconds: float
+    ) -> None:
+        assert self.audit is not None
+        encoded = json.dumps(arguments, sort_keys=True, default=str).encode()
+        result = reply.get("result")
+        outcome = (
+            "error"
+            if "error" in reply
+            else "tool_error"
+            if isinstance(result, dict) and result.get("isError")
+            else "ok"
+        )
+        fields: dict[str, Any] = {
+            "identity": session.identity,
+            "session": session.id[:8],
+            "backend": self.name,
+            "tool": tool[:200],
+            "duration_ms": round(seconds * 1000, 1),
+            "outcome": outcome,
+            "arguments_bytes": len(encoded),
+            "arguments_sha256": hashlib.sha256(encoded).hexdigest()[:16],
+        }
+        if self.audit_arguments:
+            from .security.audit import redact
+
+            fields["arguments"] = redact(arguments)
+        self.audit.event("tool.invoked", None, **fields)
 
     async def _initialize(self, session: Session, message: Message) -> Message:
         request_id = message["id"]
@@ -85,7 +199,18 @@ class Gateway:
         session.client_info = info if isinstance(info, dict) else {}
         session.initialized = True
         self.backend.attach(session)
-        session.on_close.append(self.backend.detach)
+        session.on_close.append(self._closed)
+        if self.audit is not None:
+            self.audit.event(
+                "mcp.session.open",
+                None,
+                identity=session.identity,
+                session=session.id[:8],
+                backend=self.name,
+                transport=session.kind,
+                protocol=session.protocol_version,
+                client=str(session.client_info.get("name", ""))[:100],
+            )
         result: dict[str, Any] = {
             "protocolVersion": session.protocol_version,
             # Log levels are kept per session here, so logging is always offered.
@@ -98,6 +223,17 @@ class Gateway:
         if self.backend.instructions:
             result["instructions"] = self.backend.instructions
         return result_response(request_id, result)
+
+    def _closed(self, session: Session) -> None:
+        self.backend.detach(session)
+        if self.audit is not None:
+            self.audit.event(
+                "mcp.session.close",
+                None,
+                identity=session.identity,
+                session=session.id[:8],
+                backend=self.name,
+            )
 
     def handle_notification(self, session: Session, message: Message) -> None:
         session.touch()

@@ -7,6 +7,7 @@ they cannot reach a log by accident.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -93,6 +94,15 @@ def _bool(text: str) -> bool:
     raise ValueError("expected true or false")
 
 
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _optional_path(text: str) -> Path | None:
+    # AUDIT_LOG=off (or empty) keeps the audit on stderr only, for journald.
+    return None if text.strip().lower() in ("", "off", "none", "-") else Path(text)
+
+
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
@@ -127,13 +137,51 @@ class Settings:
     )
     max_sessions: int = field(default=1000, metadata={"env": "MAX_SESSIONS", "parse": _positive(int)})
     session_idle: float = field(
-        default=3600.0, metadata={"env": "SESSION_IDLE_TIMEOUT", "parse": _positive(float)}
+        default=3600.0, metadata={"env": "MCP_SESSION_IDLE_SECONDS", "parse": _positive(float)}
     )
     event_buffer: int = field(default=512, metadata={"env": "EVENT_BUFFER", "parse": _positive(int)})
     shutdown_grace: float = field(
         default=10.0, metadata={"env": "SHUTDOWN_GRACE_SECONDS", "parse": _positive(float)}
     )
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "parse": str.upper})
+    # -- the secure profile -----------------------------------------------------------------
+    allowed_ips: tuple[str, ...] = field(
+        default=("127.0.0.1", "::1"), metadata={"env": "ALLOWED_IPS", "parse": _list}
+    )
+    allowed_origins: tuple[str, ...] = field(default=(), metadata={"env": "ALLOWED_ORIGINS", "parse": _list})
+    allowed_hosts: tuple[str, ...] = field(default=(), metadata={"env": "ALLOWED_HOSTS", "parse": _list})
+    trusted_proxies: tuple[str, ...] = field(default=(), metadata={"env": "TRUSTED_PROXIES", "parse": _list})
+    rate_limit_window_ms: int = field(
+        default=900_000, metadata={"env": "RATE_LIMIT_WINDOW_MS", "parse": _positive(int)}
+    )
+    rate_limit_max_requests: int = field(
+        default=100, metadata={"env": "RATE_LIMIT_MAX_REQUESTS", "parse": _positive(int)}
+    )
+    lockout_failures: int = field(
+        default=10, metadata={"env": "AUTH_LOCKOUT_FAILURES", "parse": _positive(int)}
+    )
+    lockout_seconds: float = field(
+        default=900.0, metadata={"env": "AUTH_LOCKOUT_SECONDS", "parse": _positive(float)}
+    )
+    max_streams_per_key: int = field(
+        default=32, metadata={"env": "MAX_STREAMS_PER_KEY", "parse": _positive(int)}
+    )
+    keys_file: Path | None = field(default=None, metadata={"env": "KEYS_FILE", "parse": Path})
+    session_secret: Secret | None = field(default=None, metadata={"env": "SESSION_SECRET", "parse": Secret})
+    cookie_lifetime: float = field(
+        default=86_400.0, metadata={"env": "COOKIE_LIFETIME_SECONDS", "parse": _positive(float)}
+    )
+    cookie_idle: float = field(
+        default=3600.0, metadata={"env": "COOKIE_IDLE_SECONDS", "parse": _positive(float)}
+    )
+    audit_log: Path | None = field(
+        default=Path("secure-server.log"), metadata={"env": "AUDIT_LOG", "parse": _optional_path}
+    )
+    audit_arguments: bool = field(default=False, metadata={"env": "AUDIT_TOOL_ARGUMENTS", "parse": _bool})
+    tls_cert: Path | None = field(default=None, metadata={"env": "TLS_CERT", "parse": Path})
+    tls_key: Path | None = field(default=None, metadata={"env": "TLS_KEY", "parse": Path})
+    health_public: bool = field(default=False, metadata={"env": "HEALTH_PUBLIC", "parse": _bool})
+    url_auth: bool = field(default=False, metadata={"env": "URL_AUTH", "parse": _bool})
     token_generated: bool = False
 
     def __post_init__(self) -> None:
@@ -142,10 +190,22 @@ class Settings:
             raise SettingsError("SSE_KEEPALIVE_SECONDS must be at most 25")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError("TLS_CERT and TLS_KEY go together: set both or neither")
+        if "*" in self.allowed_origins:
+            # With credentials allowed, "*" would let any web page read the answers.
+            raise SettingsError("ALLOWED_ORIGINS cannot be '*': list the exact origins")
 
     @property
     def loopback(self) -> bool:
         return is_loopback(self.host)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def load(
@@ -171,7 +231,7 @@ class Settings:
                 values[f.name] = overrides[f.name]
                 continue
             raw = environ.get(name, file_values.get(name))
-            if raw is None or (raw == "" and f.default is None):
+            if raw is None or (raw == "" and f.default is None and f.name != "audit_log"):
                 continue
             try:
                 values[f.name] = f.metadata["parse"](raw)

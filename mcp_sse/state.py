@@ -12,12 +12,19 @@ from aiohttp import web
 from .protocol.session import SessionStore
 
 if TYPE_CHECKING:
+    from .security.audit import AuditLog
+    from .security.cookies import Logins
+    from .security.keys import ApiKey, KeyStore
     from .upstream.backend import Backend
 
 __all__ = [
+    "API_KEY",
+    "AUDIT",
     "BACKENDS",
     "CLIENT_IP",
     "IDENTITY",
+    "KEYS",
+    "LOGINS",
     "REQUEST_ID",
     "SECURE",
     "SESSIONS",
@@ -40,6 +47,9 @@ SESSIONS: Final = web.AppKey("sessions", SessionStore)
 TRANSPORT: Final = web.AppKey("transport", TransportSettings)
 TASKS: Final = web.AppKey("tasks", set[asyncio.Task[None]])
 BACKENDS: Final = web.AppKey("backends", dict[str, "Backend"])
+KEYS: Final[web.AppKey[KeyStore]] = web.AppKey("keys")
+AUDIT: Final[web.AppKey[AuditLog]] = web.AppKey("audit")
+LOGINS: Final[web.AppKey[Logins | None]] = web.AppKey("logins")
 
 REQUEST_ID: Final = web.RequestKey("request_id", str)
 """A random id per request, echoed in `X-Request-Id` and in every audit line about the request."""
@@ -47,5 +57,7 @@ CLIENT_IP: Final[web.RequestKey[IPAddress]] = web.RequestKey("client_ip")
 """The caller: the socket peer, or the right-most untrusted X-Forwarded-For hop behind a trusted proxy."""
 SECURE: Final = web.RequestKey("secure", bool)
 """True when the request came over TLS, directly or per a trusted proxy's X-Forwarded-Proto."""
+API_KEY: Final[web.RequestKey[ApiKey]] = web.RequestKey("api_key")
+"""The key that authenticated the request (its policy travels with it)."""
 IDENTITY: Final = web.RequestKey("identity", str)
 """Who sent the request, set by authentication: a key id, never a secret."""

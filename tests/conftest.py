@@ -15,6 +15,7 @@ import httpx2
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from cryptography.fernet import Fernet
 from mcp import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
@@ -54,7 +55,14 @@ async def start_gateway(
     """Start create_app() on 127.0.0.1:<free port>; `servers` maps names to Claude-format entries."""
 
     async def start(servers: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> Running:
-        settings: dict[str, Any] = {"auth_token": Secret(token), **overrides}
+        settings: dict[str, Any] = {
+            "auth_token": Secret(token),
+            "session_secret": Secret(Fernet.generate_key().decode()),
+            "audit_log": tmp_path / "audit.log",
+            # Tests make many requests from 127.0.0.1; the limits have tests of their own.
+            "rate_limit_max_requests": 100_000,
+            **overrides,
+        }
         if servers is not None:
             path = tmp_path / "servers.json"
             path.write_text(json.dumps({"mcpServers": servers}))
@@ -79,11 +87,11 @@ async def mcp_client(
             yield client
         return
     timeout = httpx2.Timeout(30, read=300)
-    async with httpx2.AsyncClient(headers=headers, timeout=timeout) as http:
-        async with Client(
-            streamable_http_client(f"{url}/mcp", http_client=http), mode=mode, **kwargs
-        ) as client:
-            yield client
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=timeout) as http,
+        Client(streamable_http_client(f"{url}/mcp", http_client=http), mode=mode, **kwargs) as client,
+    ):
+        yield client
 
 
 def text_of(result: Any) -> str:

@@ -1,46 +1,129 @@
-"""Bearer-token authentication: who is calling, decided before any route runs."""
+"""Authentication (who is calling) and authorization (may they use this route).
+
+Credentials: `Authorization: Bearer <key>` on every request, or a cookie login made at
+`POST /auth/login`. A token in the query string is refused unless URL_AUTH=true.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
+from dataclasses import dataclass
+from typing import Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from ..settings import Secret
-from ..state import IDENTITY
+from ..state import API_KEY, IDENTITY
+from .audit import AuditLog, digest
+from .cookies import Logins, login_from_cookie
+from .cors import is_preflight
+from .errors import forbidden, unauthorized
+from .keys import KeyStore
+from .ratelimit import RateLimiter, StreamCounter
 
-__all__ = ["bearer_auth"]
+__all__ = ["ROUTE_BACKENDS", "AuthSettings", "authentication", "authorization"]
 
-REALM = 'Bearer realm="mcp-sse"'
-
-
-def _unauthorized(reason: str) -> web.HTTPUnauthorized:
-    return web.HTTPUnauthorized(
-        text=json.dumps({"error": reason}),
-        content_type="application/json",
-        headers={"WWW-Authenticate": REALM},
-    )
+SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+PUBLIC_PATHS: Final = frozenset({"/auth/login"})  # authenticates the token in its body itself
+URL_TOKEN_PARAMS: Final = ("access_token", "token")
 
 
-def bearer_auth(*, token: Secret) -> Middleware:
-    expected = hashlib.sha256(token.reveal().encode()).digest()
-    # The identity is a digest prefix of the token: stable, loggable, and not the secret.
-    identity = "token:" + hashlib.sha256(b"mcp-sse-id:" + token.reveal().encode()).hexdigest()[:12]
+@dataclass(frozen=True)
+class AuthSettings:
+    url_auth: bool
+    health_public: bool
+    allowed_origins: frozenset[str]
+    rate_limit: int
+    max_streams: int
+
+
+def _presented_token(request: web.Request, url_auth: bool) -> str | None:
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise unauthorized("Invalid token: use Authorization: Bearer <token>")
+        return value.strip()
+    for name in URL_TOKEN_PARAMS:
+        if name in request.query:
+            if not url_auth:
+                # URLs end up in proxy logs, browser history and Referer headers.
+                raise unauthorized("tokens in the URL are refused; send Authorization: Bearer <token>")
+            return request.query[name]
+    return None
+
+
+def authentication(
+    *, keys: KeyStore, logins: Logins | None, limiter: RateLimiter, audit: AuditLog, settings: AuthSettings
+) -> Middleware:
+    streams = StreamCounter(settings.max_streams)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        header = request.headers.get("Authorization", "")
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented.strip():
-            raise _unauthorized("missing bearer token")
-        digest = hashlib.sha256(presented.strip().encode()).digest()
-        # Comparing digests of equal length keeps the check constant-time whatever was sent.
-        if not hmac.compare_digest(digest, expected):
-            raise _unauthorized("invalid token")
-        request[IDENTITY] = identity
+        if is_preflight(request) or request.path in PUBLIC_PATHS:
+            return await handler(request)
+        token = _presented_token(request, settings.url_auth)
+        if token is None and settings.health_public and request.path == "/health":
+            return web.json_response({"status": "ok"})  # bare liveness for load balancers, nothing more
+        if token is not None:
+            key = keys.verify(token)
+            if key is None:
+                audit.event("auth.failed", request, token_sha256=digest(token.encode()))
+                raise unauthorized("Invalid token")
+        else:
+            login = await login_from_cookie(request, logins) if logins is not None else None
+            key = keys.current(login.key_id) if login is not None else None
+            if login is None or key is None:
+                audit.event("auth.failed", request, reason="no credentials")
+                raise unauthorized("missing bearer token")
+            # A cookie rides along on cross-site requests; an allowed Origin proves the page is ours (CSRF).
+            if (
+                request.method not in SAFE_METHODS
+                and request.headers.get("Origin") not in settings.allowed_origins
+            ):
+                audit.event("origin.denied", request, reason="cookie without allowed Origin")
+                raise forbidden("cookie-authenticated requests need an Origin listed in ALLOWED_ORIGINS")
+        request[IDENTITY] = key.id
+        request[API_KEY] = key
+        decision = limiter.hit(f"key:{key.id}", limit=key.rate_limit or settings.rate_limit)
+        if not decision.allowed:
+            audit.event("rate_limited", request, scope="key")
+            raise web.HTTPTooManyRequests(
+                text=json.dumps({"error": "Too many requests, retry later"}),
+                content_type="application/json",
+                headers={"Retry-After": str(decision.retry_after)},
+            )
+        if request.method != "GET" or "text/event-stream" not in request.headers.get("Accept", ""):
+            return await handler(request)
+        # A stream holds memory and a socket for as long as it lives: cap them per key.
+        if not streams.acquire(key.id):
+            audit.event("rate_limited", request, scope="streams")
+            raise web.HTTPTooManyRequests(
+                text=json.dumps({"error": f"more than {settings.max_streams} open streams for this key"}),
+                content_type="application/json",
+                headers={"Retry-After": "5"},
+            )
+        try:
+            return await handler(request)
+        finally:
+            streams.release(key.id)
+
+    return middleware
+
+
+ROUTE_BACKENDS: Final = web.AppKey("route_backends", dict[str, str])
+"""Path prefix of each MCP route -> the backend it serves."""
+
+
+def authorization() -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        key = request.get(API_KEY)
+        if key is not None:
+            resource = request.match_info.route.resource
+            backend = request.app[ROUTE_BACKENDS].get(resource.canonical if resource else "")
+            if backend is not None and not key.may_use_backend(backend):
+                raise forbidden(f"key {key.id!r} may not use backend {backend!r}")
         return await handler(request)
 
     return middleware

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-__all__ = ["error_middleware"]
+__all__ = ["REALM", "error_middleware", "forbidden", "unauthorized"]
 
 log = logging.getLogger("mcp_sse")
+REALM: Final = 'Bearer realm="mcp-sse"'
+
+
+def unauthorized(reason: str) -> web.HTTPUnauthorized:
+    return web.HTTPUnauthorized(
+        text=json.dumps({"error": reason}),
+        content_type="application/json",
+        headers={"WWW-Authenticate": REALM},
+    )
+
+
+def forbidden(reason: str) -> web.HTTPForbidden:
+    return web.HTTPForbidden(text=json.dumps({"error": reason}), content_type="application/json")
 
 
 def error_middleware() -> Middleware:

@@ -1,0 +1,189 @@
+"""The audit log: one JSON object per line, about who did what, from where, and what we refused.
+
+Lines go to a file (append-only, created 0600: it names addresses and key ids) and to a
+stream (stderr by default, so the journal has them too). Every string is capped and
+stripped of control characters, and the line is `json.dumps`'d with ASCII escapes, so a
+value sent by a client cannot start a line of its own (CWE-117, log injection). Field
+names that look like secrets are redacted wherever they appear.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+from aiohttp import web
+
+# AUDIT, the app's AuditLog, lives in state.py with the other keys; it is re-exported from here.
+from ..state import AUDIT, CLIENT_IP, IDENTITY, REQUEST_ID
+
+__all__ = ["AUDIT", "MESSAGES", "REDACTED", "AuditLog", "digest", "redact"]
+
+log = logging.getLogger("mcp_sse.audit")
+
+REDACTED: Final = "[REDACTED]"
+MAX_STRING: Final = 512
+MAX_ITEMS: Final = 50
+MAX_DEPTH: Final = 6
+
+MESSAGES: Final[dict[str, str]] = {
+    # Operators grep for these phrases (they were the original server's log lines); keep them verbatim.
+    "auth.failed": "Invalid token",
+    "auth.locked": "Too many failed attempts",
+    "ip.denied": "Access denied",
+    "origin.denied": "Access denied",
+    "host.denied": "Access denied",
+    "rate_limited": "Too many requests",
+}
+
+# Substrings of field names whose values are secrets. Over-matching ("keyboard") only hides a value.
+_SECRET_NAME: Final = re.compile(r"pass(word|wd)?|token|secret|key|authorization|cookie|credential", re.I)
+# ...unless the name says the value was made safe on purpose: an id, or a digest of the secret.
+_SAFE_SUFFIX: Final = re.compile(r"(_id|_ids|_sha256|_digest)$", re.I)
+_BEARER: Final = re.compile(r"\b(bearer|basic)\s+\S+", re.I)
+# C0/C1 controls, DEL, and the Unicode line/paragraph separators and bidi overrides that make a
+# log viewer show something other than what was logged ("Trojan Source", CVE-2021-42574).
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_FIXED: Final = frozenset({"ts", "event"})  # when and what: never taken from a caller's fields
+
+
+def digest(data: bytes) -> str:
+    """A short sha256 fingerprint: enough to correlate lines about one token without storing it."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _secret_name(name: str) -> bool:
+    return bool(_SECRET_NAME.search(name)) and not _SAFE_SUFFIX.search(name)
+
+
+def redact(value: Any) -> Any:
+    """A copy of `value` with the values of secret-looking keys replaced, in nested dicts and lists too."""
+    if isinstance(value, dict):
+        return {k: REDACTED if _secret_name(str(k)) else redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        # A credential logged under an innocent name, e.g. a list of header pairs.
+        return _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", value)
+    return value
+
+
+def _clean(value: Any, depth: int = 0) -> Any:
+    """JSON-safe, bounded and printable: capped strings, no control characters, no NaN."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if depth >= MAX_DEPTH:
+        return "[too deep]"
+    if isinstance(value, dict):
+        items = list(value.items())[:MAX_ITEMS]
+        return {_clean(str(k), depth + 1): _clean(v, depth + 1) for k, v in items}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_clean(v, depth + 1) for v in list(value)[:MAX_ITEMS]]
+    text = _CONTROL.sub("", str(value))
+    return text if len(text) <= MAX_STRING else text[:MAX_STRING] + "...[truncated]"
+
+
+class AuditLog:
+    """Append-only JSON-lines audit log. I/O errors are logged once and never raised.
+
+    `log_values=False` (the default, AUDIT_TOOL_ARGUMENTS unset): fields whose value is a dict
+    or list (payloads such as tool arguments) are logged as `{"sha256": ..., "bytes": ...}`;
+    scalars (names, counts, reasons) are always logged. With `log_values=True` payloads are
+    logged, still redacted. Secret-looking names are redacted either way.
+    """
+
+    def __init__(
+        self, path: str | Path | None, *, stream: TextIO | None = sys.stderr, log_values: bool = False
+    ) -> None:
+        self.path = Path(path) if path is not None else None
+        self.stream = stream
+        self.log_values = log_values
+        self._fd: int | None = None
+        self._warned: set[str] = set()
+        if self.path is not None:
+            try:
+                # 0600 at creation (no window where it is world-readable). No buffering: each line is
+                # one os.write on an O_APPEND fd, so it is on disk at once, and whole even if two
+                # processes share the file.
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                mode = os.fstat(self._fd).st_mode & 0o777
+                if mode & 0o077:
+                    log.warning("audit log %s is readable by others (mode %o): chmod 600 it", self.path, mode)
+            except OSError as exc:
+                self._warn("file", f"cannot open audit log {self.path}: {exc}; auditing to the stream only")
+
+    def _warn(self, sink: str, message: str) -> None:
+        if sink not in self._warned:
+            self._warned.add(sink)
+            log.warning("%s", message)
+
+    def _payload(self, value: Any) -> Any:
+        if self.log_values or not isinstance(value, dict | list | tuple):
+            return redact(value)
+        data = json.dumps(value, default=str, sort_keys=True).encode()
+        return {"sha256": digest(data), "bytes": len(data)}
+
+    def record(self, name: str, request: web.Request | None = None, **fields: Any) -> dict[str, Any]:
+        """The dict `event()` would write: useful to tests and to callers that forward it elsewhere."""
+        line: dict[str, Any] = {
+            "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "event": name,
+            "request_id": request.get(REQUEST_ID) if request is not None else None,
+            "ip": str(ip) if request is not None and (ip := request.get(CLIENT_IP)) is not None else None,
+            "identity": request.get(IDENTITY) if request is not None else None,
+        }
+        if request is not None:
+            # The path without the query string: a URL token (URL_AUTH) must not reach the log.
+            line["method"] = request.method
+            line["path"] = request.path
+        # The human phrase: the event's fixed phrase, then the caller's msg (or its reason).
+        extra = fields.pop("msg", None) or fields.get("reason")
+        for key, value in fields.items():
+            if value is None and line.get(key) is not None:
+                continue  # identity=None from a caller does not erase what the request knows
+            # A caller may say who (identity=...) when there is no request; it can never rewrite when/what.
+            line[f"field_{key}" if key in _FIXED else key] = (
+                REDACTED if _secret_name(key) else self._payload(value)
+            )
+        phrase = MESSAGES.get(name)
+        parts = [p for p in (phrase, None if extra is None else redact(str(extra))) if p]
+        line["msg"] = ": ".join(parts) if parts else name
+        # Values are cleaned one by one so that many fields never push `msg` out of the line.
+        return {_CONTROL.sub("", key)[:MAX_STRING]: _clean(value, 1) for key, value in line.items()}
+
+    def event(self, name: str, request: web.Request | None = None, **fields: Any) -> None:
+        """Write one line about `name`. Never raises: auditing must not take the server down."""
+        try:
+            text = json.dumps(self.record(name, request, **fields), ensure_ascii=True, default=str) + "\n"
+        except Exception as exc:  # a field that cannot be serialised must not fail the request
+            self._warn("encode", f"cannot encode audit event {name!r}: {exc!r}")
+            return
+        if self._fd is not None:
+            try:
+                os.write(self._fd, text.encode())
+            except OSError as exc:
+                self._warn("write", f"cannot write audit log {self.path}: {exc}")
+        if self.stream is not None:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError) as exc:  # ValueError: the stream was closed
+                self._warn("stream", f"cannot write audit events to the stream: {exc}")
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError as exc:
+                self._warn("close", f"cannot close audit log {self.path}: {exc}")

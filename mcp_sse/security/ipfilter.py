@@ -1,0 +1,64 @@
+"""IP allowlist (ALLOWED_IPS): IPs and CIDRs, v4 and v6; everyone else gets 403 before anything else runs.
+
+It reads `request[CLIENT_IP]`, so `client_ip_middleware` must run before it; without it the
+request is refused (fail closed) rather than let through.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from ..state import CLIENT_IP, IPAddress
+from .audit import AuditLog
+from .client_ip import IPNetwork, normalise, parse_network
+from .ratelimit import LogThrottle, address_key
+
+__all__ = ["ANY", "allows_any", "ip_allowlist_middleware"]
+
+# What people write to mean "everyone". 0.0.0.0/0 alone would leave out IPv6 clients, which is
+# never what is meant, so it is read as "any" too.
+ANY: Final = frozenset({"*", "0.0.0.0", "::", "0.0.0.0/0", "::/0"})
+DENIED: Final = "Access denied: your address is not allowed"
+
+
+def allows_any(allowed: Sequence[str]) -> bool:
+    """True when the list lets every address in: the CLI warns before binding beyond loopback."""
+    return any(entry.strip() in ANY for entry in allowed)
+
+
+def _parse(allowed: Sequence[str]) -> tuple[IPNetwork, ...]:
+    if isinstance(allowed, str):
+        raise ValueError("allowed must be a list of IPs/CIDRs, not one string")
+    entries = [entry.strip() for entry in allowed if entry.strip()]
+    if not entries:
+        raise ValueError(
+            "ALLOWED_IPS is empty, so no one could connect; list addresses/CIDRs, or '*' for anyone"
+        )
+    return tuple(parse_network(entry, setting="ALLOWED_IPS") for entry in entries if entry not in ANY)
+
+
+def ip_allowlist_middleware(*, allowed: Sequence[str], audit: AuditLog) -> Middleware:
+    networks = _parse(allowed)  # every entry is validated, even when another one is "*"
+    open_to_all = allows_any(allowed)
+    throttle = LogThrottle()  # a scanner's every request is not worth a line each
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if open_to_all:
+            return await handler(request)
+        ip: IPAddress | None = request.get(CLIENT_IP)
+        if ip is None:
+            raise RuntimeError("ip_allowlist_middleware needs client_ip_middleware before it in the pipeline")
+        ip = normalise(ip)
+        if not any(ip in net for net in networks):
+            if throttle.allow(address_key(ip)):
+                audit.event("ip.denied", request)
+            raise web.HTTPForbidden(text=json.dumps({"error": DENIED}), content_type="application/json")
+        return await handler(request)
+
+    return middleware

@@ -1,0 +1,164 @@
+"""Origin and Host checks: the DNS-rebinding defence of the MCP transport spec.
+
+SECURITY: "Servers MUST validate the Origin header on all incoming connections to prevent
+DNS rebinding attacks. If the Origin header is present and invalid, servers MUST respond
+with HTTP Response 403 Forbidden" (MCP spec, Transports, Security Warning). A page on
+http://evil.example whose name was re-pointed at 127.0.0.1 sends its own Origin, so an
+exact match against ALLOWED_ORIGINS refuses it, on every method, SSE GETs included.
+
+A rebound page fetching its *own* origin (same-origin GET) sends no Origin at all, though;
+what gives it away is the Host header (`evil.example:8000`). That is what ALLOWED_HOSTS is
+for, and why a loopback server should set it to its own names.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Sequence
+from typing import Final
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from .audit import AuditLog
+
+__all__ = ["normalise_host", "normalise_origin", "origin_middleware"]
+
+DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_SCHEME: Final = re.compile(r"[a-z][a-z0-9+.-]*")
+_HOSTNAME: Final = re.compile(r"[a-z0-9._~!$&'()*+,;=%-]+")
+
+
+def _ipv6(text: str) -> str:
+    try:
+        return str(ipaddress.IPv6Address(text))
+    except ValueError:
+        raise ValueError(f"[{text}] is not an IPv6 address") from None
+
+
+def _host_text(host: str) -> str:
+    """A lowercase ASCII host; IPv6 literals in brackets."""
+    host = host.lower()
+    if not host.isascii():
+        raise ValueError(f"host {host!r} is not ASCII; write an internationalised name in punycode (xn--...)")
+    if ":" in host:
+        return f"[{_ipv6(host)}]"
+    if "*" in host or not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"{host!r} is not a host name; wildcards are not supported, list each origin")
+    return host
+
+
+def normalise_origin(origin: str, *, header: bool = False) -> str:
+    """`scheme://host[:port]` as browsers send it: lowercase, default port dropped.
+
+    ValueError for anything else: "*", "null", a path, a query, a fragment or user info, since
+    a browser never sends those and the entry could never match. A configured origin may end
+    in "/" (a common paste); a received Origin header (`header=True`) may not.
+    """
+    text = origin.strip()
+    if text in ("*", "null"):
+        raise ValueError(
+            f"origin {text!r} cannot be allowed: list exact origins such as https://app.example.com"
+        )
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"origin {origin!r} is not scheme://host[:port]") from None
+    scheme = parts.scheme.lower()
+    if not _SCHEME.fullmatch(scheme) or not parts.hostname or "//" not in text:
+        raise ValueError(f"origin {origin!r} is not scheme://host[:port], e.g. https://app.example.com")
+    path_ok = parts.path == "" or (parts.path == "/" and not header)
+    if not path_ok or parts.query or parts.fragment or "?" in text or "#" in text:
+        raise ValueError(
+            f"origin {origin!r} has a path, query or fragment; an origin is only scheme://host[:port]"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"origin {origin!r} has user info; an origin is only scheme://host[:port]")
+    result = f"{scheme}://{_host_text(parts.hostname)}"
+    if port is not None and port != DEFAULT_PORTS.get(scheme):
+        result += f":{port}"
+    return result
+
+
+def normalise_host(value: str) -> tuple[str, int | None]:
+    """A Host header (or ALLOWED_HOSTS entry) as (lowercase host, port or None)."""
+    text = value.strip().lower()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{value!r} is not host[:port]")
+        port_text = rest[1:]
+        host = f"[{_ipv6(host)}]"
+    else:
+        host, _, port_text = text.partition(":")
+        if ":" in port_text:
+            raise ValueError(f"{value!r} is not host[:port]; put an IPv6 address in brackets: [::1]:8080")
+    if not host or (not host.startswith("[") and (not host.isascii() or not _HOSTNAME.fullmatch(host))):
+        raise ValueError(f"{value!r} is not host[:port]")
+    if port_text in ("", "*"):
+        return host, None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{value!r} has an invalid port")
+    return host, int(port_text)
+
+
+def _forbidden(reason: str) -> web.HTTPForbidden:
+    return web.HTTPForbidden(
+        text=json.dumps({"error": f"Access denied: {reason}"}), content_type="application/json"
+    )
+
+
+def origin_middleware(
+    *, allowed_origins: Sequence[str], allowed_hosts: Sequence[str] | None, audit: AuditLog
+) -> Middleware:
+    """Refuse a present-but-unlisted Origin, and (when `allowed_hosts` is non-empty) an unlisted Host.
+
+    An `allowed_hosts` entry without a port (or with `:*`) matches that name on any port: DNS
+    rebinding is about the name, and the port is whatever the server listens on. An empty list
+    or None turns the Host check off.
+    """
+    if isinstance(allowed_origins, str) or isinstance(allowed_hosts, str):
+        raise ValueError("allowed_origins and allowed_hosts must be lists, not one string")
+    origins = frozenset(normalise_origin(o) for o in allowed_origins if o.strip())
+    hosts: set[tuple[str, int | None]] = set()
+    for entry in allowed_hosts or ():
+        if entry.strip() == "*":
+            raise ValueError(
+                "ALLOWED_HOSTS: '*' is not a host; leave ALLOWED_HOSTS empty to skip the Host check"
+            )
+        if entry.strip():
+            hosts.add(normalise_host(entry))
+
+    def origin_allowed(values: list[str]) -> bool:
+        if len(values) != 1:
+            return False  # two Origin headers: which one would the browser have meant? Neither.
+        try:
+            return normalise_origin(values[0], header=True) in origins
+        except ValueError:
+            return False  # "null" (sandboxed frames, file://, some redirects), garbage
+
+    def host_allowed(values: list[str]) -> bool:
+        if len(values) != 1:
+            return False
+        try:
+            host, port = normalise_host(values[0])
+        except ValueError:
+            return False
+        return (host, None) in hosts or (host, port) in hosts
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.getall("Origin", [])
+        if origin and not origin_allowed(origin):
+            audit.event("origin.denied", request, origin=origin[0])
+            raise _forbidden("origin not allowed")
+        if hosts and not host_allowed(request.headers.getall("Host", [])):
+            audit.event("host.denied", request, host=request.headers.get("Host", ""))
+            raise _forbidden("host not allowed")
+        return await handler(request)
+
+    return middleware

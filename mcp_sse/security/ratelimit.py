@@ -1,0 +1,405 @@
+"""Rate limits: requests per client, failed logins per client, open streams per key.
+
+All three are in memory, per process, and bounded: at most `max_keys` keys are tracked and
+the least recently seen is forgotten first, so a flood of new addresses costs a fixed amount
+of memory (it can at worst reset the count of an idle client, never grow without end).
+IPv6 clients are counted per /64: one subscriber usually holds a whole /64, and counting
+single addresses would give them 2**64 budgets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from ..state import CLIENT_IP, IPAddress
+from .audit import AuditLog
+from .cors import is_preflight
+
+__all__ = [
+    "MAX_KEYS",
+    "Decision",
+    "FailureLockout",
+    "LogThrottle",
+    "RateLimiter",
+    "StreamCounter",
+    "address_key",
+    "install_rate_limit_headers",
+    "ip_rate_limit_middleware",
+    "rate_limit_headers",
+    "rate_limit_middleware",
+]
+
+MAX_KEYS: Final = 100_000
+TOO_MANY: Final = "Too many requests, retry later"
+
+
+def address_key(ip: IPAddress | str) -> str:
+    """The unit a client is counted in: an IPv4 address, or an IPv6 /64."""
+    try:
+        address = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
+    except ValueError:
+        return str(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else address)
+
+
+def _ceil(seconds: float) -> int:
+    # Rounded first: (t + 900.0) - t on a large monotonic clock is 900.0000000001, not 901 seconds.
+    return math.ceil(round(seconds, 6))
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_seconds: int
+    """Seconds until the current window ends and its count starts to fade."""
+    retry_after: int
+    """Seconds to wait before a request would be allowed; 0 when this one was."""
+
+
+@dataclass(slots=True)
+class _Bucket:
+    start: float
+    previous: int = 0
+    current: int = 0
+
+
+class RateLimiter:
+    """Sliding-window counter (as Cloudflare's): the previous window's count, weighted by how much
+    of it still overlaps the last `window` seconds, plus the current window's count.
+
+    Smooth like a sliding log, two integers per key like a fixed window, and no burst of 2x the
+    limit across a window edge. Refused hits are not counted, so Retry-After stays true.
+    """
+
+    def __init__(
+        self, *, window_ms: int = 900_000, max_requests: int = 100, max_keys: int = MAX_KEYS
+    ) -> None:
+        if isinstance(window_ms, bool) or not isinstance(window_ms, int) or window_ms < 1000:
+            raise ValueError(f"RATE_LIMIT_WINDOW_MS must be a whole number >= 1000, got {window_ms!r}")
+        if isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 1:
+            raise ValueError(f"RATE_LIMIT_MAX_REQUESTS must be a whole number >= 1, got {max_requests!r}")
+        _positive("max_keys", max_keys)
+        self.window = window_ms / 1000
+        self.limit = max_requests
+        self.max_keys = max_keys
+        # The IETF draft's policy: quota q per window w (whole seconds). Per-key limits share the window.
+        self.policy = f'"default";q={max_requests};w={math.ceil(self.window)}'
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _prune(self, now: float) -> None:
+        # Least recently hit first; a bucket untouched for two windows counts nothing.
+        while self._buckets:
+            bucket = next(iter(self._buckets.values()))
+            if now - bucket.start < 2 * self.window:
+                break
+            self._buckets.popitem(last=False)
+
+    def _bucket(self, key: str, now: float) -> _Bucket:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            while len(self._buckets) >= self.max_keys:
+                self._buckets.popitem(last=False)
+            bucket = self._buckets[key] = _Bucket(start=now)
+            return bucket
+        self._buckets.move_to_end(key)
+        elapsed = now - bucket.start
+        if elapsed >= 2 * self.window:
+            bucket.start, bucket.previous, bucket.current = now, 0, 0
+        elif elapsed >= self.window:
+            bucket.start, bucket.previous, bucket.current = bucket.start + self.window, bucket.current, 0
+        return bucket
+
+    def _wait(self, bucket: _Bucket, now: float, limit: int) -> float:
+        """Seconds until one more request fits under `limit`, if nobody else hits meanwhile."""
+        w, elapsed = self.window, now - bucket.start
+        room = limit - 1 - bucket.current
+        if room >= 0 and bucket.previous > 0:
+            # Still in this window: wait until the previous window's weight has faded enough.
+            wait = w * (1 - room / bucket.previous) - elapsed
+            if wait < w - elapsed:
+                return max(0.0, wait)
+        # In the next window the current count becomes the fading one.
+        fade = w * (1 - (limit - 1) / bucket.current) if bucket.current > 0 else 0.0
+        return (w - elapsed) + max(0.0, fade)
+
+    def hit(self, key: str, *, limit: int | None = None, now: float | None = None) -> Decision:
+        """Count one request for `key` if it fits under `limit` (default: the limiter's own)."""
+        now = time.monotonic() if now is None else now
+        limit = self.limit if limit is None else limit
+        self._prune(now)
+        bucket = self._bucket(key, now)
+        weight = 1 - (now - bucket.start) / self.window
+        used = bucket.previous * weight + bucket.current
+        reset = max(1, _ceil(bucket.start + self.window - now))
+        if used + 1 > limit:
+            retry = max(1, _ceil(self._wait(bucket, now, limit)))
+            return Decision(False, limit, 0, reset, retry)
+        bucket.current += 1
+        remaining = max(0, math.floor(limit - used - 1))
+        return Decision(True, limit, remaining, reset, 0)
+
+
+class LogThrottle:
+    """At most one audit line per key in a minute or two for a repeated refusal: a flood of refused
+    requests must not become a flood of log lines that fills the disk (CWE-779)."""
+
+    def __init__(self, *, seconds: int = 60) -> None:
+        self._limiter = RateLimiter(window_ms=seconds * 1000, max_requests=1)
+
+    def allow(self, key: str, *, now: float | None = None) -> bool:
+        return self._limiter.hit(key, now=now).allowed
+
+
+class FailureLockout:
+    """After `max_failures` failed authentications from one client within `window` seconds,
+    refuse that client for `lockout_seconds` (OWASP Authentication Cheat Sheet: throttle guessing)."""
+
+    def __init__(
+        self,
+        *,
+        max_failures: int = 10,
+        window_seconds: float = 900.0,
+        lockout_seconds: float = 900.0,
+        max_keys: int = MAX_KEYS,
+    ) -> None:
+        _positive("AUTH_LOCKOUT_FAILURES", max_failures)
+        _positive("window_seconds", window_seconds)
+        _positive("AUTH_LOCKOUT_SECONDS", lockout_seconds)
+        _positive("max_keys", max_keys)
+        self.max_failures, self.max_keys = max_failures, max_keys
+        self.window, self.lockout = window_seconds, lockout_seconds
+        self._failures: OrderedDict[str, tuple[float, int]] = OrderedDict()  # key -> (first failure, count)
+        self._locked: OrderedDict[str, float] = OrderedDict()  # key -> locked until
+
+    @staticmethod
+    def _bound(table: OrderedDict[str, float] | OrderedDict[str, tuple[float, int]], limit: int) -> None:
+        while len(table) > limit:
+            table.popitem(last=False)
+
+    def failed(self, ip: IPAddress | str, *, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        key = address_key(ip)
+        start, count = self._failures.pop(key, (now, 0))
+        if now - start >= self.window:
+            start, count = now, 0
+        count += 1
+        if count >= self.max_failures:
+            self._locked.pop(key, None)
+            self._locked[key] = now + self.lockout
+            self._bound(self._locked, self.max_keys)
+            return
+        self._failures[key] = (start, count)
+        self._bound(self._failures, self.max_keys)
+
+    def locked(self, ip: IPAddress | str, *, now: float | None = None) -> float:
+        """Seconds of lockout left for `ip`, 0.0 when it may try again."""
+        now = time.monotonic() if now is None else now
+        key = address_key(ip)
+        until = self._locked.get(key)
+        if until is None:
+            return 0.0
+        if until <= now:
+            del self._locked[key]
+            return 0.0
+        return until - now
+
+    def reset(self, ip: IPAddress | str) -> None:
+        """Forget `ip`'s failures and lockout (after a successful login, or by an operator)."""
+        key = address_key(ip)
+        self._failures.pop(key, None)
+        self._locked.pop(key, None)
+
+
+class StreamCounter:
+    """At most `limit` concurrent streams per key. Only keys with open streams are stored."""
+
+    def __init__(self, limit: int) -> None:
+        _positive("limit", limit)
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def acquire(self, key: str) -> bool:
+        count = self._open.get(key, 0)
+        if count >= self.limit:
+            return False
+        self._open[key] = count + 1
+        return True
+
+    def release(self, key: str) -> None:
+        count = self._open.get(key, 0) - 1
+        if count > 0:
+            self._open[key] = count
+        else:
+            self._open.pop(key, None)
+
+    def open(self, key: str) -> int:
+        return self._open.get(key, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Quota:
+    decision: Decision
+    policy: str
+
+
+_QUOTA: Final[web.RequestKey[_Quota]] = web.RequestKey("rate_limit_quota")
+
+
+def rate_limit_headers(decision: Decision, policy: str) -> dict[str, str]:
+    """IETF draft-ietf-httpapi-ratelimit-headers (structured fields) plus the legacy X- trio."""
+    return {
+        "RateLimit-Policy": policy,
+        "RateLimit": f'"default";r={decision.remaining};t={decision.reset_seconds}',
+        "X-RateLimit-Limit": str(decision.limit),
+        "X-RateLimit-Remaining": str(decision.remaining),
+        # Epoch seconds, as GitHub and express-rate-limit's legacy headers send it.
+        "X-RateLimit-Reset": str(math.ceil(time.time()) + decision.reset_seconds),
+    }
+
+
+async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    quota = request.get(_QUOTA)
+    if quota is not None:
+        for name, value in rate_limit_headers(quota.decision, quota.policy).items():
+            response.headers.setdefault(name, value)
+
+
+def install_rate_limit_headers(app: web.Application) -> None:
+    """Register the prepare hook that puts the rate-limit headers on streamed (SSE) responses too.
+
+    Without it the middleware still sets them on every ordinary response and error.
+    """
+    app.on_response_prepare.append(_on_prepare)
+
+
+def _client_ip(request: web.Request) -> IPAddress:
+    ip: IPAddress | None = request.get(CLIENT_IP)
+    if ip is None:
+        raise RuntimeError("the rate limit middleware needs client_ip_middleware before it in the pipeline")
+    return ip
+
+
+def _client_key(request: web.Request) -> str:
+    return f"ip:{address_key(_client_ip(request))}"
+
+
+def _presented_credential(request: web.Request, login_paths: frozenset[str]) -> bool:
+    """Did this request try a credential? Only those count towards a lockout.
+
+    A client configured without a token (or probing OAuth discovery) gets 401s too, and
+    locking it out would only lock out the user who then adds the right token. A cookie is
+    not counted either: it is Fernet-encrypted, there is nothing in it to guess.
+    """
+    return (
+        "Authorization" in request.headers
+        or "access_token" in request.query
+        or "token" in request.query
+        or request.path in login_paths
+    )
+
+
+def _too_many(error: str, headers: dict[str, str]) -> web.HTTPTooManyRequests:
+    return web.HTTPTooManyRequests(
+        text=json.dumps({"error": error}), content_type="application/json", headers=headers
+    )
+
+
+def ip_rate_limit_middleware(
+    *,
+    limiter: RateLimiter,
+    audit: AuditLog,
+    lockout: FailureLockout | None = None,
+    key_func: Callable[[web.Request], str] | None = None,
+    login_paths: Collection[str] = ("/auth/login",),
+) -> Middleware:
+    """Per-client request limit on a shared `limiter` (keys "ip:<address>"), and the failed-login lockout.
+
+    With a `lockout`, a 401 to a request that presented a credential (Authorization header,
+    URL token, or any request to one of `login_paths`) counts as a failure of its client address;
+    a locked-out address is refused everything with 429 until the lockout ends, a valid token
+    included (else a guesser would learn which guess was right from the one 200).
+
+    Preflights are not counted: a browser sends one before most requests, which would halve
+    its budget; they are cheap, answered without reaching a backend, and cached (Max-Age).
+    """
+    key_of = key_func or _client_key
+    logins = frozenset(login_paths)
+    throttle = LogThrottle()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if is_preflight(request):
+            return await handler(request)
+        if lockout is not None and (left := lockout.locked(_client_ip(request))) > 0:
+            if throttle.allow(f"locked:{_client_key(request)}"):
+                audit.event("auth.locked", request, retry_after=math.ceil(left))
+            raise _too_many(
+                "Too many failed authentication attempts from your address, retry later",
+                {"Retry-After": str(math.ceil(left))},
+            )
+        key = key_of(request)
+        decision = limiter.hit(key)
+        request[_QUOTA] = _Quota(decision, limiter.policy)
+        headers = rate_limit_headers(decision, limiter.policy)
+        if not decision.allowed:
+            if throttle.allow(f"limited:{key}"):
+                audit.event("rate_limited", request, scope="ip", retry_after=decision.retry_after)
+            raise _too_many(TOO_MANY, {**headers, "Retry-After": str(decision.retry_after)})
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status == 401:
+                _failed(request)
+            exc.headers.extend((k, v) for k, v in headers.items() if k not in exc.headers)
+            raise
+        if response.status == 401:
+            _failed(request)
+        if not response.prepared:
+            for name, value in headers.items():
+                response.headers.setdefault(name, value)
+        return response
+
+    def _failed(request: web.Request) -> None:
+        if lockout is None or not _presented_credential(request, logins):
+            return
+        ip = _client_ip(request)
+        lockout.failed(ip)
+        if lockout.locked(ip) > 0:
+            audit.event("auth.locked", request, failures=lockout.max_failures, seconds=lockout.lockout)
+
+    return middleware
+
+
+def rate_limit_middleware(
+    *,
+    window_ms: int = 900_000,
+    max_requests: int = 100,
+    audit: AuditLog,
+    key_func: Callable[[web.Request], str] | None = None,
+) -> Middleware:
+    """At most `max_requests` per `window_ms` per client address (or per `key_func(request)`), on a limiter
+    of its own. `ip_rate_limit_middleware` is the same with a shared limiter and the failure lockout."""
+    limiter = RateLimiter(window_ms=window_ms, max_requests=max_requests)
+    return ip_rate_limit_middleware(limiter=limiter, audit=audit, key_func=key_func)

@@ -1,0 +1,316 @@
+"""The command line as users run it: real `python server_secure.py` processes on real ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO / "server_secure.py")
+# Every variable the gateway reads, so the developer's shell cannot change what is tested.
+GATEWAY_VARIABLES = {
+    "HOST",
+    "PORT",
+    "AUTH_TOKEN",
+    "MCP_SERVERS_FILE",
+    "LOG_LEVEL",
+    "ALLOWED_IPS",
+    "ALLOWED_HOSTS",
+    "ALLOWED_ORIGINS",
+    "TRUSTED_PROXIES",
+    "KEYS_FILE",
+    "SESSION_SECRET",
+    "AUDIT_LOG",
+    "TLS_CERT",
+    "TLS_KEY",
+    "HEALTH_PUBLIC",
+    "URL_AUTH",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+}
+LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:(\d+))")
+BEARER_LINE = re.compile(r"^\s*Authorization: Bearer (\S+)\s*$")
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    home = tmp_path / "home"
+    home.mkdir()
+    clean = {k: v for k, v in os.environ.items() if k not in GATEWAY_VARIABLES}
+    # The audit log defaults to ./secure-server.log: keep it out of the repository.
+    return {**clean, "HOME": str(home), "AUDIT_LOG": str(tmp_path / "audit.log")}
+
+
+@pytest.fixture
+def empty_env_file(tmp_path: Path) -> str:
+    # An explicit, empty settings file: a developer's ./.env must not change these tests.
+    path = tmp_path / "empty.env"
+    path.write_text("")
+    return str(path)
+
+
+@pytest.fixture
+def occupied_port() -> Iterator[int]:
+    """A port with a listener on every IPv4 address: anything that tries to bind it fails."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    process: asyncio.subprocess.Process
+    url: str
+    lines: list[str] = field(default_factory=list)
+    drain: asyncio.Task[None] | None = None
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    async def stop(self, timeout: float = 15.0) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(self.process.wait(), timeout)
+        if self.drain is not None:
+            await asyncio.wait_for(self.drain, 5)
+        return code
+
+
+@contextlib.asynccontextmanager
+async def serve(*args: str, env: dict[str, str], until: str | None = None) -> AsyncIterator[Server]:
+    """Start server_secure.py, wait for its `listening on` line (and `until`), stop it at the end."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        SCRIPT,
+        *args,
+        cwd=REPO,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    url = None
+    try:
+        async with asyncio.timeout(20):
+            while url is None or (until is not None and not any(until in line for line in lines)):
+                raw = await process.stderr.readline()
+                if not raw:
+                    raise AssertionError(
+                        f"exited with {await process.wait()} before listening:\n" + "\n".join(lines)
+                    )
+                lines.append(raw.decode().rstrip("\n"))
+                if url is None and (match := LISTENING.search(lines[-1])):
+                    url = match.group(1)
+
+        async def drain() -> None:
+            assert process.stderr is not None
+            while raw := await process.stderr.readline():
+                lines.append(raw.decode().rstrip("\n"))
+
+        server = Server(process, url, lines, asyncio.create_task(drain()))
+        yield server
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def get_health(url: str, token: str | None) -> tuple[int, dict[str, str]]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/health", headers=headers) as response:
+        await response.read()
+        return response.status, dict(response.headers)
+
+
+def run(*args: str, env: dict[str, str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+# -- refusing to start -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "::"])
+def test_public_host_without_token_refuses_before_binding(
+    host: str, env: dict[str, str], empty_env_file: str, occupied_port: int
+) -> None:
+    # Binding first would fail differently (address in use / not available, exit 1): exit 2 naming
+    # AUTH_TOKEN proves the refusal came before any socket.
+    started = time.monotonic()
+    done = run(SCRIPT, "--host", host, "--port", str(occupied_port), "--env-file", empty_env_file, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "AUTH_TOKEN" in done.stderr
+    assert host in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "in use" not in done.stderr and "assign" not in done.stderr
+    assert "listening" not in done.stderr
+    assert "Bearer" not in done.stdout + done.stderr  # no token was generated for a public address
+    assert time.monotonic() - started < 10
+
+
+def test_public_host_from_environment_with_empty_token_refuses(
+    env: dict[str, str], empty_env_file: str, occupied_port: int
+) -> None:
+    env = {**env, "HOST": "0.0.0.0", "PORT": str(occupied_port), "AUTH_TOKEN": ""}
+    done = run(SCRIPT, "--env-file", empty_env_file, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "AUTH_TOKEN" in done.stderr
+
+
+# -- loopback with a generated token -----------------------------------------------------------
+
+
+async def test_loopback_generates_a_token_once_and_serves(env: dict[str, str], empty_env_file: str) -> None:
+    args = ("--host", "127.0.0.1", "--port", "0", "--env-file", empty_env_file)
+    async with serve(*args, env=env, until="mcpServers") as server:
+        bearer = [m.group(1) for line in server.lines if (m := BEARER_LINE.match(line))]
+        assert len(bearer) == 1, server.stderr
+        token = bearer[0]
+        assert len(token) >= 32
+        port = int(server.url.rsplit(":", 1)[1])
+        assert port != 0
+
+        config_line = next(line for line in server.lines if "mcpServers" in line)
+        desktop = json.loads(config_line)
+        (entry,) = desktop["mcpServers"].values()
+        assert entry["command"] == "npx"
+        assert "mcp-remote" in entry["args"]
+        assert f"{server.url}/sse" in entry["args"]
+        assert f"Authorization: Bearer {token}" in entry["args"]
+
+        status, _ = await get_health(server.url, token)
+        assert status == 200
+        status, headers = await get_health(server.url, None)
+        assert status == 401
+        assert headers["WWW-Authenticate"].startswith("Bearer")
+        status, headers = await get_health(server.url, token + "x")
+        assert status == 401
+        assert headers["WWW-Authenticate"].startswith("Bearer")
+        status, _ = await get_health(server.url, "")
+        assert status == 401
+
+        started = time.monotonic()
+        assert await server.stop() == 0
+        assert time.monotonic() - started < 15
+        stdout = await server.process.stdout.read() if server.process.stdout else b""
+    # Printed once, in the banner; never in a log line, never on stdout, not again at shutdown.
+    with_token = [line.strip() for line in server.lines if token in line]
+    assert with_token == [f"Authorization: Bearer {token}", config_line.strip()], with_token
+    assert token.encode() not in stdout
+
+
+# -- where settings come from ------------------------------------------------------------------
+
+
+async def test_token_from_env_file(env: dict[str, str], tmp_path: Path) -> None:
+    env_file = tmp_path / "gateway.env"
+    env_file.write_text("# settings\nexport AUTH_TOKEN='file-token-0123456789abcdef'\n")
+    async with serve("--host", "127.0.0.1", "--port", "0", "--env-file", str(env_file), env=env) as server:
+        assert (await get_health(server.url, "file-token-0123456789abcdef"))[0] == 200
+        assert (await get_health(server.url, "something-else"))[0] == 401
+        assert await server.stop() == 0
+    assert "Authorization: Bearer" not in server.stderr  # nothing generated, nothing printed
+    assert "file-token-0123456789abcdef" not in server.stderr
+
+
+async def test_environment_wins_over_env_file(env: dict[str, str], tmp_path: Path) -> None:
+    env_file = tmp_path / "gateway.env"
+    env_file.write_text("AUTH_TOKEN=file-token-0123456789abcdef\n")
+    env = {**env, "AUTH_TOKEN": "env-token-0123456789abcdef"}
+    async with serve("--host", "127.0.0.1", "--port", "0", "--env-file", str(env_file), env=env) as server:
+        assert (await get_health(server.url, "env-token-0123456789abcdef"))[0] == 200
+        assert (await get_health(server.url, "file-token-0123456789abcdef"))[0] == 401
+        assert await server.stop() == 0
+
+
+@pytest.mark.parametrize("where", ["environment", "env-file"])
+async def test_port_argument_wins_over_port_setting(
+    env: dict[str, str], tmp_path: Path, occupied_port: int, where: str
+) -> None:
+    # PORT names a port that cannot be bound: starting at all shows --port was used instead.
+    env_file = tmp_path / "gateway.env"
+    env_file.write_text(f"PORT={occupied_port}\n" if where == "env-file" else "")
+    if where == "environment":
+        env = {**env, "PORT": str(occupied_port)}
+    wanted = free_port()
+    args = ("--host", "127.0.0.1", "--port", str(wanted), "--env-file", str(env_file))
+    async with serve(*args, env={**env, "AUTH_TOKEN": "t" * 32}) as server:
+        assert server.url == f"http://127.0.0.1:{wanted}"
+        assert (await get_health(server.url, "t" * 32))[0] == 200
+        assert await server.stop() == 0
+
+
+async def test_port_zero_argument_is_not_treated_as_unset(env: dict[str, str], occupied_port: int) -> None:
+    env = {**env, "PORT": str(occupied_port), "AUTH_TOKEN": "t" * 32}
+    async with serve("--host", "127.0.0.1", "--port", "0", "--env-file", os.devnull, env=env) as server:
+        assert int(server.url.rsplit(":", 1)[1]) not in (0, occupied_port)
+        assert (await get_health(server.url, "t" * 32))[0] == 200
+        assert await server.stop() == 0
+
+
+@pytest.mark.xfail(
+    reason=(
+        "BUG: cli.serve() installs its SIGTERM/SIGINT handlers only after the site is listening (and "
+        "after the backends were started by runner.setup()), so a stop signal in that window kills "
+        "the process with the default action: exit -15, no graceful shutdown of the children."
+    ),
+    strict=True,
+)
+def test_sigterm_right_after_bind_is_a_graceful_stop(env: dict[str, str]) -> None:
+    # Deterministic version of a race seen in practice: the signal arrives the moment the port is open.
+    script = (
+        "import os, signal, sys\n"
+        "from aiohttp import web\n"
+        "from mcp_sse import cli\n"
+        "original = web.TCPSite.start\n"
+        "async def start_then_sigterm(self):\n"
+        "    await original(self)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "web.TCPSite.start = start_then_sigterm\n"
+        "sys.exit(cli.main(['--host', '127.0.0.1', '--port', '0', '--env-file', os.devnull]))\n"
+    )
+    done = run("-c", script, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "shutting down" in done.stderr
+
+
+# -- help ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", [("-m", "mcp_sse"), (SCRIPT,)], ids=["module", "script"])
+def test_help(env: dict[str, str], form: tuple[str, ...]) -> None:
+    done = run(*form, "--help", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "--host" in done.stdout and "--port" in done.stdout and "--config" in done.stdout
+    assert done.stderr == ""
