@@ -28,7 +28,7 @@ from .protocol.jsonrpc import (
 )
 from .protocol.session import Session
 from .protocol.versions import negotiate
-from .upstream.backend import Backend
+from .upstream.backend import READY_WAIT, Backend
 
 __all__ = ["Auditor", "Gateway", "Policy"]
 
@@ -188,7 +188,7 @@ class Gateway:
         if session.initialized:
             return error_response(request_id, INVALID_REQUEST, "Invalid Request: session already initialized")
         params: dict[str, Any] = message.get("params") or {}
-        if not await self.backend.wait_ready(min(self.backend.timeout, 30.0)):
+        if not await self.backend.wait_ready(READY_WAIT):
             return error_response(
                 request_id, INTERNAL_ERROR, f"backend {self.name!r} is {self.backend.state}"
             )

@@ -7,7 +7,6 @@ a JSON-RPC error code and a message that is safe to send back (it never echoes i
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Final
 
 __all__ = [
@@ -42,8 +41,6 @@ drop fields that newer protocol revisions add."""
 
 MAX_DEPTH: Final = 64
 MAX_ID_LENGTH: Final = 256
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKETS = re.compile(rb"[\[\]{}]")
 
 
 class ProtocolError(Exception):
@@ -63,31 +60,34 @@ def dumps(message: Any) -> str:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
 
 
-def _check_depth(body: bytes, limit: int) -> None:
-    # Cheap bound first: depth can never exceed the number of opening brackets.
-    if body.count(b"{") + body.count(b"[") <= limit:
-        return
-    depth = 0
-    for match in _BRACKETS.finditer(_STRING.sub(b'""', body)):
-        if match.group() in (b"{", b"["):
-            depth += 1
-            if depth > limit:
-                raise ProtocolError(PARSE_ERROR, f"Parse error: JSON nested deeper than {limit} levels")
-        else:
-            depth -= 1
+def _depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def parse_body(body: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     """Decode a request body, refusing invalid UTF-8, invalid JSON and hostile nesting."""
     if not body.strip():
         raise ProtocolError(PARSE_ERROR, "Parse error: empty body")
-    _check_depth(body, max_depth)
     try:
-        return json.loads(body.decode("utf-8"))
+        value = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise ProtocolError(PARSE_ERROR, "Parse error: body is not valid UTF-8") from None
-    except (ValueError, RecursionError):
+    except RecursionError:
+        # The C decoder stops at the interpreter's recursion limit: linear time, no crash.
+        raise ProtocolError(PARSE_ERROR, f"Parse error: JSON nested deeper than {max_depth} levels") from None
+    except ValueError:
         raise ProtocolError(PARSE_ERROR, "Parse error: body is not valid JSON") from None
+    # Depth can never exceed the number of opening brackets, so most bodies skip the walk.
+    if body.count(b"{") + body.count(b"[") > max_depth and _depth(value) > max_depth:
+        raise ProtocolError(PARSE_ERROR, f"Parse error: JSON nested deeper than {max_depth} levels")
+    return value
 
 
 def _valid_id(value: Any) -> bool:
@@ -128,7 +128,8 @@ def validate_message(message: Any) -> Message:
         )
     if "error" in message:
         error = message["error"]
-        if not isinstance(error, dict) or not isinstance(error.get("code"), int):
+        code = error.get("code") if isinstance(error, dict) else None
+        if not isinstance(code, int) or isinstance(code, bool):
             raise ProtocolError(INVALID_REQUEST, 'Invalid Request: "error" needs an integer "code"')
     elif not isinstance(message["result"], dict):
         raise ProtocolError(INVALID_REQUEST, 'Invalid Request: "result" must be an object')

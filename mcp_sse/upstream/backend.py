@@ -19,7 +19,7 @@ from .child import ChildProcess
 from .config import ServerSpec
 from .multiplex import Multiplexer
 
-__all__ = ["Backend", "StdioBackend"]
+__all__ = ["READY_WAIT", "Backend", "StdioBackend"]
 
 log = logging.getLogger("mcp_sse.upstream")
 
@@ -29,6 +29,8 @@ BACKOFF_MAX: Final = 30.0
 CRASH_LOOP_COUNT: Final = 5
 """This many exits in a row, each within STABLE_AFTER of its start, marks a backend failed."""
 STABLE_AFTER: Final = 30.0
+READY_WAIT: Final = 30.0
+"""How long a caller waits for a starting or restarting backend; not the per-request timeout."""
 
 
 class Backend(ABC):
@@ -155,11 +157,10 @@ class StdioBackend(Backend):
         self._child = child
         log.info("backend %s: started pid %s", self.name, child.pid)
         exited = asyncio.create_task(child.wait())
+        handshake = asyncio.create_task(self._initialize())
         try:
-            handshake = asyncio.create_task(self._initialize())
             done, _ = await asyncio.wait({handshake, exited}, return_when=asyncio.FIRST_COMPLETED)
             if handshake not in done:
-                handshake.cancel()
                 raise RuntimeError(f"exited with code {exited.result()} during initialize")
             handshake.result()
             self.state = "running"
@@ -175,8 +176,9 @@ class StdioBackend(Backend):
             self.state = "stopped" if self._stopping else "restarting"
             self._ready.clear()
             self.mux.fail_all(f"backend {self.name!r} exited; the request was not completed")
-            if not exited.done():
-                exited.cancel()
+            for task in (handshake, exited):
+                task.cancel()
+            await asyncio.gather(handshake, exited, return_exceptions=True)
             await child.stop()
             self._child = None
 
@@ -214,7 +216,7 @@ class StdioBackend(Backend):
         self.state = "stopped"
 
     async def request(self, session: Session, message: Message) -> Message:
-        if self.state != "running" and not await self.wait_ready(min(self.timeout, 15.0)):
+        if self.state != "running" and not await self.wait_ready(READY_WAIT):
             return error_response(message["id"], INTERNAL_ERROR, f"backend {self.name!r} is {self.state}")
         return await self.mux.call(session, message, self.timeout)
 

@@ -72,11 +72,31 @@ class ChildProcess:
         ]
 
     async def wait(self) -> int:
-        """Wait for exit and for both pipes to drain; return the exit code."""
-        assert self.process is not None
-        code = await self.process.wait()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        return code
+        """Wait for the leader to exit; return its exit code.
+
+        Not Process.wait(): on Python 3.11 it also waits for the pipes to close, which never
+        happens while a grandchild holds them, so a crash would go unnoticed. A pidfd becomes
+        readable the moment the leader exits; `stop()` then kills the rest of the group.
+        """
+        process = self.process
+        assert process is not None
+        try:
+            pidfd = os.pidfd_open(process.pid)
+        except (AttributeError, OSError):  # not Linux 5.3+: the pipes decide, as before
+            return await process.wait()
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        loop.add_reader(pidfd, lambda: None if exited.done() else exited.set_result(None))
+        try:
+            await exited
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        for _ in range(500):  # asyncio's child watcher reaps it a moment later
+            if process.returncode is not None:
+                return process.returncode
+            await asyncio.sleep(0.01)
+        return -1
 
     def write(self, message: Message) -> None:
         process = self.process

@@ -194,14 +194,6 @@ async def test_per_backend_request_timeout(start_gateway: StartGateway) -> None:
     assert (await server_status(gw))["restarts"] == 0
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: the per-backend request timeout also bounds how long initialize waits for the backend "
-        "to become ready (Gateway._initialize: min(backend.timeout, 30.0)), so a client that connects "
-        "while a child with timeout 0.5 is still starting is refused with 'backend is starting'."
-    ),
-    strict=True,
-)
 async def test_short_request_timeout_does_not_refuse_clients_during_startup(
     start_gateway: StartGateway,
 ) -> None:
@@ -243,15 +235,6 @@ def _group_members(pgid: int) -> dict[int, str]:
     return members
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: stopping a backend during its handshake leaves the handshake task unretrieved: "
-        "StdioBackend._run_once's finally fails the pending initialize (mux.fail_all) but never "
-        "cancels or awaits `handshake`, so asyncio logs 'Task exception was never retrieved' "
-        "(RuntimeError: initialize failed) at every shutdown of a gateway whose child was starting."
-    ),
-    strict=True,
-)
 async def test_shutdown_during_startup_is_clean(
     start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -293,16 +276,6 @@ async def test_shutdown_kills_the_whole_process_group(start_gateway: StartGatewa
     assert _group_members(leader) == {}
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: a crash of a child whose descendant still holds its pipes is never noticed. "
-        "ChildProcess.wait() awaits asyncio's Process.wait(), which on Python 3.11 returns only once "
-        "every pipe has closed, and then the stdout/stderr readers, which wait for EOF: the "
-        "grandchild keeps them open, so the backend stays 'running' with a dead leader, calls time "
-        "out, and it is never restarted."
-    ),
-    strict=True,
-)
 async def test_crash_of_a_forking_child_is_detected_and_its_group_killed(start_gateway: StartGateway) -> None:
     forking = {
         "command": "sh",
