@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from aiohttp import web
 from cryptography.fernet import Fernet
 
 from . import __version__
-from .app import build_backends, create_app
+from .app import build_backends, create_app, reload_keys
 from .ops import sd_notify
 from .security.check import audit_settings
 from .security.ipfilter import allows_any
@@ -181,32 +182,49 @@ def _print_generated_token(settings: Settings, url: str) -> None:
     )
 
 
+def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
+
+
 async def serve(settings: Settings, env_file: Path | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # Before anything starts: a stop signal during start-up must still shut down gracefully.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tls = _tls_context(settings)
     app = create_app(settings, env_file=env_file)
+
+    def reload() -> None:
+        sd_notify.notify("RELOADING=1", f"MONOTONIC_USEC={sd_notify.monotonic_usec()}")
+        reload_keys(app)
+        sd_notify.notify("READY=1")
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     # Cancelling a handler when its client goes away is how an SSE stream learns of it at once;
     # work that must outlive a request runs in its own task (transport.common.spawn).
     runner = web.AppRunner(
         app, shutdown_timeout=settings.shutdown_grace, access_log=None, handler_cancellation=True
     )
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{port}"
-    log.info("mcp-sse %s listening on %s", __version__, url)
-    if settings.token_generated:
-        _print_generated_token(settings, url)
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    sd_notify.notify("READY=1", f"STATUS=listening on {url}")
     watchdog = None
-    if (interval := sd_notify.watchdog_interval()) is not None:
-        watchdog = asyncio.create_task(sd_notify.watchdog_loop(interval))
     try:
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True, ssl_context=tls)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        shown = f"[{host}]" if ":" in host else host
+        url = f"{'https' if tls else 'http'}://{shown}:{port}"
+        log.info("mcp-sse %s listening on %s", __version__, url)
+        if settings.token_generated:
+            _print_generated_token(settings, url)
+        sd_notify.notify("READY=1", f"STATUS=listening on {url}")
+        if (interval := sd_notify.watchdog_interval()) is not None:
+            watchdog = asyncio.create_task(sd_notify.watchdog_loop(interval))
         await stop.wait()
     finally:
         log.info("shutting down (grace %.0f s)", settings.shutdown_grace)

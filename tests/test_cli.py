@@ -279,14 +279,6 @@ async def test_port_zero_argument_is_not_treated_as_unset(env: dict[str, str], o
         assert await server.stop() == 0
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: cli.serve() installs its SIGTERM/SIGINT handlers only after the site is listening (and "
-        "after the backends were started by runner.setup()), so a stop signal in that window kills "
-        "the process with the default action: exit -15, no graceful shutdown of the children."
-    ),
-    strict=True,
-)
 def test_sigterm_right_after_bind_is_a_graceful_stop(env: dict[str, str]) -> None:
     # Deterministic version of a race seen in practice: the signal arrives the moment the port is open.
     script = (
