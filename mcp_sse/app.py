@@ -27,7 +27,12 @@ from .security.ipfilter import ip_allowlist_middleware
 from .security.keys import KeysFileError, KeyStore
 from .security.origin import origin_middleware
 from .security.policy import KeyPolicy
-from .security.ratelimit import FailureLockout, RateLimiter, ip_rate_limit_middleware
+from .security.ratelimit import (
+    FailureLockout,
+    RateLimiter,
+    install_rate_limit_headers,
+    ip_rate_limit_middleware,
+)
 from .security.request_id import install_request_id, request_id_middleware
 from .settings import GATEWAY_SECRETS, Settings, read_env_file
 from .state import AUDIT, BACKENDS, KEYS, LOGINS, SESSIONS, TASKS, TRANSPORT, TransportSettings
@@ -158,6 +163,7 @@ def create_app(
     setup_cors(app, allowed_origins=settings.allowed_origins)
     install_security_headers(app, hsts=settings.tls)
     install_request_id(app)
+    install_rate_limit_headers(app)
     app.cleanup_ctx.append(_backends_lifecycle)
     app.cleanup_ctx.append(_reaper)
     app.on_shutdown.append(_close_streams)

@@ -19,7 +19,7 @@ from .cookies import Logins, login_from_cookie
 from .cors import is_preflight
 from .errors import forbidden, unauthorized
 from .keys import KeyStore
-from .ratelimit import RateLimiter, StreamCounter
+from .ratelimit import RateLimiter, StreamCounter, charge_key
 
 __all__ = ["ROUTE_BACKENDS", "AuthSettings", "authentication", "authorization"]
 
@@ -85,14 +85,11 @@ def authentication(
                 raise forbidden("cookie-authenticated requests need an Origin listed in ALLOWED_ORIGINS")
         request[IDENTITY] = key.id
         request[API_KEY] = key
-        decision = limiter.hit(f"key:{key.id}", limit=key.rate_limit or settings.rate_limit)
-        if not decision.allowed:
+        try:
+            charge_key(request, limiter, key.id, key.rate_limit or settings.rate_limit)
+        except web.HTTPTooManyRequests:
             audit.event("rate_limited", request, scope="key")
-            raise web.HTTPTooManyRequests(
-                text=json.dumps({"error": "Too many requests, retry later"}),
-                content_type="application/json",
-                headers={"Retry-After": str(decision.retry_after)},
-            )
+            raise
         if request.method != "GET" or "text/event-stream" not in request.headers.get("Accept", ""):
             return await handler(request)
         # A stream holds memory and a socket for as long as it lives: cap them per key.

@@ -320,6 +320,20 @@ def _presented_credential(request: web.Request, login_paths: frozenset[str]) -> 
     )
 
 
+def _has_cookie(request: web.Request) -> bool:
+    return any(name in request.cookies for name in ("__Host-mcp-sse", "mcp-sse"))
+
+
+def charge_key(request: web.Request, limiter: RateLimiter, key: str, limit: int) -> None:
+    """Count an authenticated request against its key; 429 with the key's quota when over it."""
+    decision = limiter.hit(f"key:{key}", limit=limit)
+    policy = f'"key";q={limit};w={math.ceil(limiter.window)}'
+    request[_QUOTA] = _Quota(decision, policy)
+    if not decision.allowed:
+        headers = rate_limit_headers(decision, policy)
+        raise _too_many(TOO_MANY, {**headers, "Retry-After": str(decision.retry_after)})
+
+
 def _too_many(error: str, headers: dict[str, str]) -> web.HTTPTooManyRequests:
     return web.HTTPTooManyRequests(
         text=json.dumps({"error": error}), content_type="application/json", headers=headers
@@ -359,27 +373,36 @@ def ip_rate_limit_middleware(
                 "Too many failed authentication attempts from your address, retry later",
                 {"Retry-After": str(math.ceil(left))},
             )
+        # Authenticated requests are counted against their key (in authentication); the
+        # address pays for what arrives without credentials and for every failed credential.
         key = key_of(request)
-        decision = limiter.hit(key)
-        request[_QUOTA] = _Quota(decision, limiter.policy)
-        headers = rate_limit_headers(decision, limiter.policy)
-        if not decision.allowed:
-            if throttle.allow(f"limited:{key}"):
-                audit.event("rate_limited", request, scope="ip", retry_after=decision.retry_after)
-            raise _too_many(TOO_MANY, {**headers, "Retry-After": str(decision.retry_after)})
+        credential = _presented_credential(request, logins) or _has_cookie(request)
+        if not credential:
+            _charge(request, key)
         try:
             response = await handler(request)
         except web.HTTPException as exc:
             if exc.status == 401:
                 _failed(request)
-            exc.headers.extend((k, v) for k, v in headers.items() if k not in exc.headers)
+                if credential:
+                    _charge(request, key)
+            if (quota := request.get(_QUOTA)) is not None:
+                headers = rate_limit_headers(quota.decision, quota.policy)
+                exc.headers.extend((k, v) for k, v in headers.items() if k not in exc.headers)
             raise
-        if response.status == 401:
-            _failed(request)
-        if not response.prepared:
-            for name, value in headers.items():
+        if (quota := request.get(_QUOTA)) is not None and not response.prepared:
+            for name, value in rate_limit_headers(quota.decision, quota.policy).items():
                 response.headers.setdefault(name, value)
         return response
+
+    def _charge(request: web.Request, key: str) -> None:
+        decision = limiter.hit(key)
+        request[_QUOTA] = _Quota(decision, limiter.policy)
+        if not decision.allowed:
+            if throttle.allow(f"limited:{key}"):
+                audit.event("rate_limited", request, scope="ip", retry_after=decision.retry_after)
+            headers = rate_limit_headers(decision, limiter.policy)
+            raise _too_many(TOO_MANY, {**headers, "Retry-After": str(decision.retry_after)})
 
     def _failed(request: web.Request) -> None:
         if lockout is None or not _presented_credential(request, logins):

@@ -1,0 +1,392 @@
+"""The secure profile as one pipeline, through create_app() on a real loopback server.
+
+Every rule is driven from both sides: the request that must pass, and the one that must not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from mcp import MCPError
+
+from mcp_sse.app import reload_keys
+from mcp_sse.security.keys import generate_key
+from mcp_sse.state import SESSIONS
+from tests.conftest import SDK_SERVER, Running, StartGateway, mcp_client, next_event, text_of
+
+ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "0"},
+    },
+}
+
+
+def write_keys(path: Path, *entries: dict[str, Any]) -> None:
+    path.write_text(json.dumps({"keys": list(entries)}))
+    path.chmod(0o600)
+
+
+def new_key(name: str, role: str = "operator", **extra: Any) -> tuple[str, dict[str, Any]]:
+    secret, entry = generate_key(name, role)
+    return secret, {**entry, **extra}
+
+
+@pytest.fixture
+async def http() -> Any:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def initialize(http: aiohttp.ClientSession, url: str, token: str) -> str:
+    response = await http.post(url, json=INIT, headers={**ACCEPT, **bearer(token)})
+    assert response.status == 200, await response.text()
+    return response.headers["Mcp-Session-Id"]
+
+
+async def call(
+    http: aiohttp.ClientSession, url: str, token: str, sid: str, method: str, params: dict[str, Any]
+) -> dict[str, Any]:
+    headers = {**ACCEPT, **bearer(token), "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"}
+    message = {"jsonrpc": "2.0", "id": 2, "method": method, "params": params}
+    response = await http.post(url, json=message, headers=headers)
+    assert response.status == 200, await response.text()
+    return dict(await response.json())
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+
+async def test_bad_credentials_get_401_with_the_realm(start_gateway: StartGateway, http: Any) -> None:
+    gw = await start_gateway()
+    for headers in ({}, bearer("wrong"), {"Authorization": "Basic dXNlcjpwYXNz"}):
+        response = await http.get(gw.url + "/health", headers=headers)
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="mcp-sse"'
+    ok = await http.get(gw.url + "/health", headers=gw.headers)
+    assert ok.status == 200 and (await ok.json())["status"] == "ok"
+
+
+async def test_health_public_exposes_liveness_only(start_gateway: StartGateway, http: Any) -> None:
+    gw = await start_gateway(health_public=True)
+    bare = await http.get(gw.url + "/health")
+    assert bare.status == 200 and await bare.json() == {"status": "ok"}
+    assert (await http.get(gw.url + "/mcp/servers")).status == 401  # nothing more is public
+
+
+async def test_url_tokens_refused_unless_enabled(
+    start_gateway: StartGateway, http: Any, tmp_path: Path
+) -> None:
+    gw = await start_gateway()
+    response = await http.get(f"{gw.url}/health?token={gw.token}")
+    assert response.status == 401
+    assert "URL" in (await response.json())["error"]
+    gw2 = await start_gateway(url_auth=True, audit_log=tmp_path / "url.log")
+    assert (await http.get(f"{gw2.url}/health?access_token={gw2.token}")).status == 200
+    assert gw2.token not in (tmp_path / "url.log").read_text()
+
+
+async def test_session_is_bound_to_the_key_that_opened_it(
+    start_gateway: StartGateway, http: Any, tmp_path: Path
+) -> None:
+    other_secret, other = new_key("other")
+    write_keys(tmp_path / "keys.json", other)
+    gw = await start_gateway(keys_file=tmp_path / "keys.json")
+    sid = await initialize(http, gw.url + "/mcp", gw.token)
+    headers = {**ACCEPT, **bearer(other_secret), "Mcp-Session-Id": sid}
+    stolen = await http.post(
+        gw.url + "/mcp", json={"jsonrpc": "2.0", "id": 2, "method": "ping"}, headers=headers
+    )
+    assert stolen.status == 404  # as if it did not exist: no probing other people's sessions
+    assert (await http.delete(gw.url + "/mcp", headers=headers)).status == 404
+    own = await call(http, gw.url + "/mcp", gw.token, sid, "ping", {})
+    assert own["result"] == {}
+    async with http.get(gw.url + "/sse", headers=gw.headers) as stream:
+        endpoint = (await next_event(stream)).data
+        post = await http.post(gw.url + endpoint, json=INIT, headers=bearer(other_secret))
+        assert post.status == 404
+
+
+# -- keys, roles and tool policy --------------------------------------------------------------
+
+
+async def test_per_key_tool_policy_filters_lists_and_refuses_calls(
+    start_gateway: StartGateway, http: Any, tmp_path: Path
+) -> None:
+    limited_secret, limited = new_key("limited", tools={"allow": ["e*", "add"], "deny": ["add"]})
+    viewer_secret, viewer = new_key("viewer", role="viewer")
+    write_keys(tmp_path / "keys.json", limited, viewer)
+    gw = await start_gateway({"test": SDK_SERVER}, keys_file=tmp_path / "keys.json")
+    async with mcp_client(gw.url, limited_secret) as client:
+        assert [t.name for t in (await client.list_tools()).tools] == ["echo"]
+        assert text_of(await client.call_tool("echo", {"text": "allowed"})) == "allowed"
+        with pytest.raises(MCPError, match="may not call tool 'add'"):
+            await client.call_tool("add", {"a": 1, "b": 2})
+    async with mcp_client(gw.url, viewer_secret) as client:
+        assert len((await client.list_tools()).tools) > 3
+        with pytest.raises(MCPError, match="role 'viewer' may not call tools/call"):
+            await client.call_tool("echo", {"text": "no"})
+        resource = await client.read_resource("test://greeting")
+        assert resource.contents[0].text == "hello from a resource"
+
+
+async def test_backend_allowlist_is_enforced_per_route(
+    start_gateway: StartGateway, http: Any, tmp_path: Path
+) -> None:
+    secret, entry = new_key("only-a", backends=["a"])
+    write_keys(tmp_path / "keys.json", entry)
+    gw = await start_gateway({"a": SDK_SERVER, "b": SDK_SERVER}, keys_file=tmp_path / "keys.json")
+    await initialize(http, gw.url + "/servers/a/mcp", secret)
+    refused = await http.post(gw.url + "/servers/b/mcp", json=INIT, headers={**ACCEPT, **bearer(secret)})
+    assert refused.status == 403
+    assert "backend 'b'" in (await refused.json())["error"]
+    assert (await http.get(gw.url + "/servers/b/sse", headers=bearer(secret))).status == 403
+
+
+async def test_expired_key_is_refused(start_gateway: StartGateway, http: Any, tmp_path: Path) -> None:
+    past = (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)).isoformat()
+    secret, entry = new_key("old", expires=past)
+    write_keys(tmp_path / "keys.json", entry)
+    gw = await start_gateway(keys_file=tmp_path / "keys.json")
+    assert (await http.get(gw.url + "/health", headers=bearer(secret))).status == 401
+
+
+async def test_reload_revokes_a_key_and_closes_its_streams_at_once(
+    start_gateway: StartGateway, http: Any, tmp_path: Path
+) -> None:
+    secret, entry = new_key("leaving")
+    keys = tmp_path / "keys.json"
+    write_keys(keys, entry)
+    gw = await start_gateway(keys_file=keys)
+    async with http.get(gw.url + "/sse", headers=bearer(secret)) as stream:
+        endpoint = (await next_event(stream)).data
+        assert (await http.post(gw.url + endpoint, json=INIT, headers=bearer(secret))).status == 202
+        write_keys(keys)  # the key is removed from the file
+        reload_keys(gw.app)
+        with pytest.raises(EOFError):
+            while True:  # the stream ends now, not at the next keep-alive
+                await next_event(stream, timeout=2)
+    assert (await http.get(gw.url + "/health", headers=bearer(secret))).status == 401
+    assert all(s.identity != entry["id"] for s in gw.app[SESSIONS].all())
+    audit = (tmp_path / "audit.log").read_text()
+    assert '"event": "keys.reload"' in audit and entry["id"] in audit
+
+
+async def test_arguments_are_checked_against_the_input_schema(start_gateway: StartGateway) -> None:
+    gw = await start_gateway({"test": SDK_SERVER})
+    async with mcp_client(gw.url, gw.token) as client:
+        await client.list_tools()
+        with pytest.raises(
+            MCPError, match=r"Invalid params for tool 'add': a: 'one' is not of type 'integer'"
+        ):
+            await client.call_tool("add", {"a": "one", "b": 2})
+        with pytest.raises(MCPError, match="'b' is a required property"):
+            await client.call_tool("add", {"a": 1})
+        assert text_of(await client.call_tool("add", {"a": 1, "b": 2})) == "3"
+
+
+# -- network filters, headers, CORS -----------------------------------------------------------
+
+
+async def test_ip_allowlist_and_spoofed_forwarded_for(start_gateway: StartGateway, http: Any) -> None:
+    gw = await start_gateway(allowed_ips=("10.9.8.7",))
+    spoofed = {**gw.headers, "X-Forwarded-For": "10.9.8.7"}
+    response = await http.get(gw.url + "/health", headers=spoofed)
+    assert response.status == 403  # 127.0.0.1 is no trusted proxy: the header is ignored
+    assert "Access denied" in (await response.json())["error"]
+    behind = await start_gateway(allowed_ips=("10.9.8.7",), trusted_proxies=("127.0.0.1",))
+    assert (
+        await http.get(behind.url + "/health", headers={**behind.headers, "X-Forwarded-For": "10.9.8.7"})
+    ).status == 200
+
+
+async def test_origin_rebinding_refused_on_post_and_sse(start_gateway: StartGateway, http: Any) -> None:
+    gw = await start_gateway(allowed_origins=("https://app.example.com",))
+    evil = {**gw.headers, "Origin": "http://evil.example"}
+    assert (await http.get(gw.url + "/sse", headers=evil)).status == 403
+    assert (await http.post(gw.url + "/mcp", json=INIT, headers={**ACCEPT, **evil})).status == 403
+    good = {**gw.headers, **ACCEPT, "Origin": "https://app.example.com"}
+    ok = await http.post(gw.url + "/mcp", json=INIT, headers=good)
+    assert ok.status == 200
+    assert ok.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    assert "Mcp-Session-Id" in ok.headers["Access-Control-Expose-Headers"]
+    assert "Origin" in ok.headers["Vary"]
+
+
+async def test_preflight_is_answered_before_authentication(start_gateway: StartGateway, http: Any) -> None:
+    gw = await start_gateway(allowed_origins=("https://app.example.com",))
+    preflight = {
+        "Origin": "https://app.example.com",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, mcp-session-id",
+    }
+    response = await http.options(gw.url + "/mcp", headers=preflight)
+    assert response.status == 200
+    allowed = response.headers["Access-Control-Allow-Headers"].lower()
+    assert "authorization" in allowed and "mcp-session-id" in allowed
+    bad = await http.options(gw.url + "/mcp", headers={**preflight, "Origin": "https://evil.example"})
+    assert bad.status == 403 or "Access-Control-Allow-Origin" not in bad.headers
+
+
+async def test_security_headers_on_json_and_sse(start_gateway: StartGateway, http: Any) -> None:
+    gw = await start_gateway()
+    plain = await http.get(gw.url + "/health", headers=gw.headers)
+    async with http.get(gw.url + "/sse", headers=gw.headers) as sse:
+        await next_event(sse)
+        for response in (plain, sse):
+            headers = response.headers
+            assert "default-src 'none'" in headers["Content-Security-Policy"]
+            assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+            assert headers["X-Content-Type-Options"] == "nosniff"
+            assert headers["X-Frame-Options"] == "DENY"
+            assert headers["Referrer-Policy"] == "no-referrer"
+            assert headers["Server"] == "mcp-sse"
+            assert "X-Request-Id" in headers
+            assert "Strict-Transport-Security" not in headers  # plain HTTP here
+        assert sse.headers["X-Accel-Buffering"] == "no"
+        assert "RateLimit" in sse.headers
+
+
+# -- rate limits and lockout ------------------------------------------------------------------
+
+
+async def test_per_key_limit_answers_429_with_its_headers(start_gateway: StartGateway, http: Any) -> None:
+    gw = await start_gateway(rate_limit_max_requests=5, rate_limit_window_ms=60_000)
+    statuses = [(await http.get(gw.url + "/health", headers=gw.headers)).status for _ in range(5)]
+    assert statuses == [200] * 5
+    refused = await http.get(gw.url + "/health", headers=gw.headers)
+    assert refused.status == 429
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert refused.headers["RateLimit-Policy"].startswith('"key";q=5;w=60')
+    assert "r=0" in refused.headers["RateLimit"]
+    assert (await refused.json())["error"].startswith("Too many requests")
+
+
+async def test_failed_attempts_lock_the_address_out(
+    start_gateway: StartGateway, http: Any, tmp_path: Path
+) -> None:
+    gw = await start_gateway(lockout_failures=3)
+    for _ in range(3):
+        assert (await http.get(gw.url + "/health", headers=bearer("guess"))).status == 401
+    locked = await http.get(gw.url + "/health", headers=gw.headers)
+    assert locked.status == 429  # even the right token: a guesser must not learn which guess won
+    audit = (tmp_path / "audit.log").read_text()
+    assert "Invalid token" in audit and "auth.locked" in audit
+
+
+# -- cookie sessions --------------------------------------------------------------------------
+
+
+def browser_session(cookies: dict[str, str] | None = None) -> aiohttp.ClientSession:
+    # Like a browser on http://127.0.0.1: aiohttp's default jar ignores cookies from IP hosts.
+    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True), cookies=cookies)
+
+
+async def login(http: aiohttp.ClientSession, gw: Running, **headers: str) -> aiohttp.ClientResponse:
+    response = await http.post(gw.url + "/auth/login", json={"token": gw.token}, headers=headers)
+    assert response.status == 200, await response.text()
+    return response
+
+
+async def test_cookie_flags_over_plain_http_and_behind_a_tls_proxy(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(trusted_proxies=("127.0.0.1",))
+    async with aiohttp.ClientSession() as http:
+        cookie = (await login(http, gw)).headers["Set-Cookie"]
+        assert cookie.startswith("mcp-sse=") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        assert "Secure" not in cookie and "Max-Age=86400" in cookie
+    async with aiohttp.ClientSession() as http:
+        cookie = (await login(http, gw, **{"X-Forwarded-Proto": "https"})).headers["Set-Cookie"]
+        assert cookie.startswith("__Host-mcp-sse=") and "Secure" in cookie and "Path=/" in cookie
+        assert "Domain" not in cookie
+
+
+async def test_cookie_login_logout_and_server_side_revocation(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(allowed_origins=("https://app.example.com",))
+    async with browser_session() as browser:
+        await login(browser, gw)
+        me = await browser.get(gw.url + "/auth/session")
+        assert me.status == 200 and (await me.json())["via"] == "cookie"
+        stolen = {c.key: c.value for c in browser.cookie_jar}
+        assert (
+            await browser.post(gw.url + "/auth/logout", headers={"Origin": "https://app.example.com"})
+        ).status == 200
+    async with browser_session(stolen) as attacker:
+        assert (await attacker.get(gw.url + "/auth/session")).status == 401  # a copied cookie is dead
+
+
+async def test_login_mints_a_fresh_session_no_fixation(start_gateway: StartGateway) -> None:
+    gw = await start_gateway()
+    async with browser_session() as http:
+        await login(http, gw)
+        first = {c.key: c.value for c in http.cookie_jar}
+        await login(http, gw)
+        second = {c.key: c.value for c in http.cookie_jar}
+        assert first["mcp-sse"] != second["mcp-sse"]
+    async with browser_session(first) as old:
+        assert (await old.get(gw.url + "/auth/session")).status == 200  # each login is its own
+
+
+async def test_cookie_needs_an_allowed_origin_for_unsafe_methods(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(allowed_origins=("https://app.example.com",))
+    async with browser_session() as browser:
+        await login(browser, gw)
+        forged = await browser.post(gw.url + "/mcp", json=INIT, headers=ACCEPT)
+        assert forged.status == 403  # no Origin: a cross-site form or script cannot ride the cookie
+        ok = await browser.post(
+            gw.url + "/mcp", json=INIT, headers={**ACCEPT, "Origin": "https://app.example.com"}
+        )
+        assert ok.status == 200
+        async with browser.get(gw.url + "/sse") as stream:  # EventSource: GET with the cookie only
+            assert stream.status == 200
+            assert (await next_event(stream)).event == "endpoint"
+
+
+async def test_bad_login_is_401_and_audited(start_gateway: StartGateway, tmp_path: Path) -> None:
+    gw = await start_gateway()
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(gw.url + "/auth/login", json={"token": "nope"})
+        assert response.status == 401
+    await asyncio.sleep(0)
+    assert "Invalid token" in (tmp_path / "audit.log").read_text()
+
+
+# -- audit ------------------------------------------------------------------------------------
+
+
+async def test_audit_log_holds_the_events_and_not_one_secret(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    gw = await start_gateway({"test": SDK_SERVER}, audit_arguments=True)
+    async with mcp_client(gw.url, gw.token) as client:
+        await client.call_tool("echo", {"text": "hello"})
+        try:  # a secret-looking argument is redacted even with AUDIT_TOOL_ARGUMENTS=true
+            await client.call_tool("echo", {"text": "hi", "api_key": "sk-live-0123456789"})
+        except MCPError:
+            pass
+    async with aiohttp.ClientSession() as http:
+        await http.get(gw.url + "/health", headers=bearer("definitely-wrong-token"))
+    log_file = tmp_path / "audit.log"
+    assert log_file.stat().st_mode & 0o777 == 0o600
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    events = {line["event"] for line in lines}
+    assert {"mcp.session.open", "tool.invoked", "mcp.session.close", "auth.failed"} <= events
+    invoked = next(line for line in lines if line["event"] == "tool.invoked")
+    assert invoked["tool"] == "echo" and invoked["outcome"] == "ok" and invoked["identity"] == "auth-token"
+    text = log_file.read_text()
+    assert gw.token not in text and "definitely-wrong-token" not in text
+    assert "sk-live-0123456789" not in text and "[REDACTED]" in text
