@@ -51,11 +51,13 @@ async def test_third_party_child_mcp_server_time(start_gateway: StartGateway) ->
 
 async def test_legacy_and_modern_clients_share_one_child(start_gateway: StartGateway) -> None:
     gw = await start_gateway({"test": SDK_SERVER})
-    async with mcp_client(gw.url, gw.token, mode="auto") as modern:
-        async with mcp_client(gw.url, gw.token, transport="sse", mode="legacy") as old:
-            pid_modern = text_of(await modern.call_tool("pid", {}))
-            pid_old = text_of(await old.call_tool("pid", {}))
-            assert pid_modern == pid_old  # one shared child
-            assert text_of(await old.call_tool("echo", {"text": "still works"})) == "still works"
+    async with (
+        mcp_client(gw.url, gw.token, mode="auto") as modern,
+        mcp_client(gw.url, gw.token, transport="sse", mode="legacy") as old,
+    ):
+        pid_modern = text_of(await modern.call_tool("pid", {}))
+        pid_old = text_of(await old.call_tool("pid", {}))
+        assert pid_modern == pid_old  # one shared child
+        assert text_of(await old.call_tool("echo", {"text": "still works"})) == "still works"
     async with mcp_client(gw.url, gw.token, transport="sse", mode="legacy") as later:
         assert text_of(await later.call_tool("echo", {"text": "after"})) == "after"

@@ -1,4 +1,4 @@
-"""Legacy HTTP+SSE (2024-11-05) on the wire: statuses, the endpoint event, and a session that survives bad POSTs."""
+"""Legacy HTTP+SSE (2024-11-05) on the wire: statuses, the endpoint event, sessions surviving bad POSTs."""
 
 from __future__ import annotations
 
@@ -53,9 +53,8 @@ async def test_endpoint_event_and_a_full_exchange(start_gateway: StartGateway) -
 
 async def test_backend_route_advertises_its_own_messages_path(start_gateway: StartGateway) -> None:
     gw = await start_gateway()
-    async with aiohttp.ClientSession() as http:
-        async with open_stream(http, gw, "/servers/mcp-sse") as (_, endpoint):
-            assert endpoint.startswith("/servers/mcp-sse/messages?session_id=")
+    async with aiohttp.ClientSession() as http, open_stream(http, gw, "/servers/mcp-sse") as (_, endpoint):
+        assert endpoint.startswith("/servers/mcp-sse/messages?session_id=")
 
 
 async def test_session_id_alias_is_accepted(start_gateway: StartGateway) -> None:
