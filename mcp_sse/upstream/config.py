@@ -9,6 +9,7 @@ the file. Anything unexpected is an error that names the key and the file.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from typing import Any, Final
 
 __all__ = ["ConfigError", "ServerSpec", "expand", "load_servers"]
 
+log = logging.getLogger("mcp_sse.upstream")
 SERVER_KEYS: Final = frozenset({"command", "args", "env", "cwd", "timeout"})
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -59,16 +61,16 @@ def load_servers(path: str | Path, environ: Mapping[str, str] | None = None) -> 
     environ = os.environ if environ is None else environ
     path = Path(path)
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: Notepad writes a BOM
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the servers file ({exc.strerror})") from None
     except ValueError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(document, dict) or not isinstance(document.get("mcpServers"), dict):
         raise ConfigError(f'{path}: expected an object with a "mcpServers" object')
-    extra = set(document) - {"mcpServers"}
-    if extra:
-        raise ConfigError(f"{path}: unknown top-level key {sorted(extra)[0]!r} (only 'mcpServers')")
+    # A real claude_desktop_config.json has other top-level keys (preferences, shortcuts): not ours.
+    for key in sorted(set(document) - {"mcpServers"}):
+        log.warning("%s: top-level key %r ignored (only 'mcpServers' is read)", path, key)
     specs = []
     for name, entry in document["mcpServers"].items():
         where = f"{path}: mcpServers.{name}"

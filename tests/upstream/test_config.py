@@ -159,9 +159,18 @@ def test_unknown_server_key_names_key_and_file(tmp_path: Path) -> None:
     assert "mcpServers.s" in message
 
 
-def test_unknown_top_level_key_names_key_and_file(tmp_path: Path) -> None:
-    path = write(tmp_path, {"mcpServers": {"s": {"command": "x"}}, "mcpServer": {}})
-    assert "'mcpServer'" in error_of(path)
+def test_other_top_level_keys_of_a_desktop_config_are_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path, {"mcpServers": {"s": {"command": "x"}}, "globalShortcut": "", "mcpServer": {}})
+    assert [s.name for s in load_servers(path)] == ["s"]
+    assert "'mcpServer'" in caplog.text and str(path) in caplog.text
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "servers.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"mcpServers": {"s": {"command": "x"}}}).encode())
+    assert [s.name for s in load_servers(path)] == ["s"]
 
 
 @pytest.mark.parametrize("text", ["", "{", "{'mcpServers': {}}", '{"mcpServers": {},}'])
