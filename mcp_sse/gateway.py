@@ -27,7 +27,7 @@ from .protocol.jsonrpc import (
     result_response,
 )
 from .protocol.session import Session
-from .protocol.versions import negotiate
+from .protocol.versions import ALL_VERSIONS, negotiate
 from .upstream.backend import READY_WAIT, Backend
 
 __all__ = ["Auditor", "Gateway", "Policy"]
@@ -43,6 +43,32 @@ class Policy(Protocol):
 
     def filter(self, session: Session, method: str, result: dict[str, Any]) -> dict[str, Any]:
         """The part of a list result this session may see."""
+
+
+CACHEABLE = frozenset(
+    {"tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read"}
+)
+ENVELOPE_KEYS = frozenset(
+    {
+        "io.modelcontextprotocol/protocolVersion",
+        "io.modelcontextprotocol/clientCapabilities",
+        "io.modelcontextprotocol/clientInfo",
+        "io.modelcontextprotocol/logLevel",
+    }
+)
+
+
+def _strip_envelope(message: Message) -> Message:
+    """The request as a 2025-era backend expects it: without the 2026 envelope keys and retry fields."""
+    params = dict(message.get("params") or {})
+    meta = {k: v for k, v in (params.get("_meta") or {}).items() if k not in ENVELOPE_KEYS}
+    params.pop("inputResponses", None)
+    params.pop("requestState", None)
+    if meta:
+        params["_meta"] = meta
+    else:
+        params.pop("_meta", None)
+    return {**message, "params": params}
 
 
 class Auditor(Protocol):
@@ -215,14 +241,55 @@ class Gateway:
             "protocolVersion": session.protocol_version,
             # Log levels are kept per session here, so logging is always offered.
             "capabilities": {**self.backend.capabilities, "logging": {}},
-            "serverInfo": {
-                "name": self.backend.server_info.get("name", self.name),
-                "version": str(self.backend.server_info.get("version", __version__)),
-            },
+            "serverInfo": self._server_info(),
         }
         if self.backend.instructions:
             result["instructions"] = self.backend.instructions
         return result_response(request_id, result)
+
+    async def handle_modern(self, session: Session, message: Message) -> Message:
+        """One 2026-07-28 request: no handshake; the answer says its result type and cacheability."""
+        method = message["method"]
+        if method == "server/discover":
+            if not await self.backend.wait_ready(READY_WAIT):
+                return error_response(
+                    message["id"], INTERNAL_ERROR, f"backend {self.name!r} is {self.backend.state}"
+                )
+            reply = result_response(message["id"], self.discover())
+        elif method in ("initialize", "logging/setLevel"):
+            return error_response(
+                message["id"], METHOD_NOT_FOUND, f"Method not found: {method} (not in 2026-07-28)"
+            )
+        else:
+            reply = await self.handle_request(session, _strip_envelope(message))
+        result = reply.get("result")
+        if isinstance(result, dict) and "resultType" not in result:
+            result = {**result, "resultType": "complete"}
+            if method in CACHEABLE:
+                # Lists are filtered per key, so nothing here may be shared between callers.
+                result = {"ttlMs": 0, "cacheScope": "private", **result}
+            reply = {**reply, "result": result}
+        return reply
+
+    def discover(self) -> dict[str, Any]:
+        capabilities = {k: v for k, v in self.backend.capabilities.items() if k != "logging"}
+        result: dict[str, Any] = {
+            "supportedVersions": list(ALL_VERSIONS),
+            "capabilities": capabilities,
+            "_meta": {"io.modelcontextprotocol/serverInfo": self._server_info()},
+            "resultType": "complete",
+            "ttlMs": 0,
+            "cacheScope": "private",
+        }
+        if self.backend.instructions:
+            result["instructions"] = self.backend.instructions
+        return result
+
+    def _server_info(self) -> dict[str, str]:
+        return {
+            "name": str(self.backend.server_info.get("name", self.name)),
+            "version": str(self.backend.server_info.get("version", __version__)),
+        }
 
     def _closed(self, session: Session) -> None:
         self.backend.detach(session)

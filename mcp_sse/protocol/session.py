@@ -105,7 +105,7 @@ class EventStream:
 @dataclass(eq=False)
 class Session:
     id: str
-    kind: Literal["sse", "streamable"]
+    kind: Literal["sse", "streamable", "modern"]
     gateway: Gateway
     identity: str | None
     buffer_size: int

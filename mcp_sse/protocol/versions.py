@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "ALL_VERSIONS",
     "DEFAULT_HEADER_VERSION",
     "HANDSHAKE_VERSIONS",
     "LATEST_HANDSHAKE",
+    "MODERN_VERSIONS",
     "negotiate",
     "supports_batches",
     "supports_priming",
@@ -17,6 +19,11 @@ HANDSHAKE_VERSIONS: Final = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-
 """Revisions that open a session with `initialize`, oldest first."""
 
 LATEST_HANDSHAKE: Final = HANDSHAKE_VERSIONS[-1]
+
+MODERN_VERSIONS: Final = ("2026-07-28",)
+"""Stateless revisions: no initialize, no session; every request carries its version in `_meta`."""
+
+ALL_VERSIONS: Final = HANDSHAKE_VERSIONS + MODERN_VERSIONS
 
 DEFAULT_HEADER_VERSION: Final = "2025-03-26"
 """What a Streamable HTTP request without `MCP-Protocol-Version` is taken to speak (spec 2025-06-18+)."""

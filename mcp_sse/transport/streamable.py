@@ -20,13 +20,12 @@ from ..protocol.jsonrpc import (
     Message,
     ProtocolError,
     dumps,
-    error_response,
     is_notification,
     is_request,
     validate_message,
 )
 from ..protocol.session import Session
-from ..protocol.versions import HANDSHAKE_VERSIONS, supports_batches, supports_priming
+from ..protocol.versions import supports_batches, supports_priming
 from ..state import IDENTITY, SESSIONS, TRANSPORT
 from .common import (
     find_session,
@@ -36,6 +35,7 @@ from .common import (
     read_message,
     spawn,
 )
+from .modern import ModernHTTP, is_modern
 from .sse import encode, open_sse, pump
 
 __all__ = ["SESSION_HEADER", "VERSION_HEADER", "StreamableHTTP"]
@@ -44,7 +44,6 @@ log = logging.getLogger("mcp_sse.transport")
 
 SESSION_HEADER: Final = "Mcp-Session-Id"
 VERSION_HEADER: Final = "MCP-Protocol-Version"
-UNSUPPORTED_VERSION: Final = -32022
 
 
 def _accepts(request: web.Request, *types: str) -> bool:
@@ -56,24 +55,15 @@ def _accepts(request: web.Request, *types: str) -> bool:
 class StreamableHTTP:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self.modern = ModernHTTP(gateway)
 
-    def _check_version(self, request: web.Request, session: Session | None) -> None:
+    def _check_version(self, request: web.Request, session: Session) -> None:
         version = request.headers.get(VERSION_HEADER)
-        if version is None:
-            return  # absent means 2025-03-26, which every session accepts
-        if version not in HANDSHAKE_VERSIONS:
-            # -32022 with the versions we speak tells a 2026-era client to fall back to initialize.
-            error = error_response(
-                None,
-                UNSUPPORTED_VERSION,
-                f"Unsupported protocol version: {version[:40]}",
-                {"supported": list(HANDSHAKE_VERSIONS), "requested": version[:40]},
-            )
-            raise web.HTTPBadRequest(text=dumps(error), content_type="application/json")
-        if session is not None and session.protocol_version and version != session.protocol_version:
+        # Absent means 2025-03-26, which every session accepts; a 2026 version never gets here.
+        if version is not None and session.protocol_version and version != session.protocol_version:
             raise http_error(
                 web.HTTPBadRequest,
-                f"{VERSION_HEADER} {version} does not match this session's {session.protocol_version}",
+                f"{VERSION_HEADER} {version[:40]} does not match this session's {session.protocol_version}",
             )
 
     async def post(self, request: web.Request) -> web.StreamResponse:
@@ -88,9 +78,8 @@ class StreamableHTTP:
             body = await read_message(request)
         except ProtocolError as exc:
             return protocol_error(exc)
-        # An unsupported version is refused before the session lookup: a 2026-era discover probe
-        # carries no session id and must learn which versions we speak (-32022) to fall back.
-        self._check_version(request, None)
+        if is_modern(request):
+            return await self.modern.post(request, body)
         if isinstance(body, dict) and body.get("method") == "initialize":
             return await self._initialize(request, body)
         session = find_session(request, session_id, "streamable", self.gateway)
@@ -175,8 +164,7 @@ class StreamableHTTP:
     async def get(self, request: web.Request) -> web.StreamResponse:
         if not _accepts(request, "text/event-stream"):
             raise http_error(web.HTTPNotAcceptable, "Accept must include text/event-stream")
-        session = find_session(request, request.headers.get(SESSION_HEADER), "streamable", self.gateway)
-        self._check_version(request, session)
+        session = self._legacy_session(request)
         stream, after = session.standalone, session.standalone.delivered
         last = request.headers.get("Last-Event-ID")
         if last is not None and (resolved := session.resolve_event_id(last)) is not None:
@@ -190,8 +178,15 @@ class StreamableHTTP:
             pass
         return response
 
-    async def delete(self, request: web.Request) -> web.Response:
+    def _legacy_session(self, request: web.Request) -> Session:
+        """GET and DELETE exist only for handshake-era sessions; without one they are not allowed."""
+        if is_modern(request) or SESSION_HEADER not in request.headers:
+            raise web.HTTPMethodNotAllowed(request.method, ["POST"])
         session = find_session(request, request.headers.get(SESSION_HEADER), "streamable", self.gateway)
         self._check_version(request, session)
+        return session
+
+    async def delete(self, request: web.Request) -> web.Response:
+        session = self._legacy_session(request)
         session.close()
         return web.Response(status=204)

@@ -85,6 +85,11 @@ class Multiplexer:
         try:
             self._write(outbound)
             return await asyncio.wait_for(asyncio.shield(pending.future), timeout)
+        except asyncio.CancelledError:
+            # The caller is gone (a 2026-era client closed its stream): the backend may stop too.
+            if not pending.future.done():
+                self._cancel_upstream(upstream_id, "cancelled by the client")
+            raise
         except TimeoutError:
             self._cancel_upstream(upstream_id, "timed out in the gateway")
             return error_response(

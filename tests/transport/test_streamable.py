@@ -115,7 +115,8 @@ async def test_protocol_version_header(start_gateway: StartGateway, http: Any) -
     call = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
     await raw.post(call)  # matches
     bad = await raw.post(call, expect=400, **{"MCP-Protocol-Version": "1999-01-01"})
-    assert (await bad.json())["error"]["data"]["supported"][-1] == "2025-11-25"
+    error = (await bad.json())["error"]
+    assert error["code"] == -32022 and "2025-11-25" in error["data"]["supported"]
     await raw.post(call, expect=400, **{"MCP-Protocol-Version": "2025-03-26"})  # not this session's
     headers = raw.headers(**{"Content-Type": "application/json"})
     del headers["MCP-Protocol-Version"]  # absent means 2025-03-26 and is accepted
@@ -123,21 +124,19 @@ async def test_protocol_version_header(start_gateway: StartGateway, http: Any) -
     assert response.status == 200
 
 
-async def test_discover_probe_is_answered_so_clients_fall_back(
-    start_gateway: StartGateway, http: Any
-) -> None:
+async def test_discover_is_served_for_the_2026_era(start_gateway: StartGateway, http: Any) -> None:
     gw = await start_gateway()
-    probe = {"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {}}
-    headers = {
-        **gw.headers,
-        **ACCEPT,
-        "MCP-Protocol-Version": "2026-07-28",
-        "Content-Type": "application/json",
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
     }
-    response = await http.post(gw.url + "/mcp", data=json.dumps(probe), headers=headers)
-    assert response.status == 400
-    error = (await response.json())["error"]
-    assert error["code"] == -32022 and "2025-11-25" in error["data"]["supported"]
+    probe = {"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {"_meta": meta}}
+    headers = {**gw.headers, **ACCEPT, "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "server/discover"}
+    response = await http.post(gw.url + "/mcp", json=probe, headers=headers)
+    assert response.status == 200 and "Mcp-Session-Id" not in response.headers
+    result = (await response.json())["result"]
+    assert {"2024-11-05", "2025-11-25", "2026-07-28"} <= set(result["supportedVersions"])
+    assert result["resultType"] == "complete" and "tools" in result["capabilities"]
 
 
 async def test_content_negotiation(start_gateway: StartGateway, http: Any) -> None:

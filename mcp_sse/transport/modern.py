@@ -1,0 +1,354 @@
+"""Streamable HTTP at MCP 2026-07-28: every request is one self-contained POST, with no session.
+
+The request carries its protocol version and client capabilities in `params._meta`, and
+routing headers that must agree with the body (`MCP-Protocol-Version`, `Mcp-Method`,
+`Mcp-Name`). A backend that needs something from the client mid-call (sampling,
+elicitation, roots) is answered with an `InputRequiredResult`: the call stays in flight
+here, keyed by an unguessable `requestState`, until the client retries with its answers.
+Closing a request's stream cancels the request downstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiohttp import web
+
+from ..gateway import Gateway
+from ..protocol.jsonrpc import (
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    Message,
+    ProtocolError,
+    dumps,
+    error_response,
+    is_request,
+    validate_message,
+)
+from ..protocol.session import EventStream, Session
+from ..protocol.versions import ALL_VERSIONS, HANDSHAKE_VERSIONS, MODERN_VERSIONS
+from ..state import IDENTITY, SESSIONS, TRANSPORT
+from .sse import encode, open_sse
+
+__all__ = ["ModernHTTP", "is_modern"]
+
+VERSION_META: Final = "io.modelcontextprotocol/protocolVersion"
+CAPABILITIES_META: Final = "io.modelcontextprotocol/clientCapabilities"
+INFO_META: Final = "io.modelcontextprotocol/clientInfo"
+LOG_LEVEL_META: Final = "io.modelcontextprotocol/logLevel"
+SUBSCRIPTION_META: Final = "io.modelcontextprotocol/subscriptionId"
+HEADER_MISMATCH: Final = -32020
+UNSUPPORTED_VERSION: Final = -32022
+NAME_PARAM: Final = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+HTTP_STATUS: Final = {
+    PARSE_ERROR: 400,
+    INVALID_REQUEST: 400,
+    INVALID_PARAMS: 400,
+    HEADER_MISMATCH: 400,
+    -32021: 400,
+    UNSUPPORTED_VERSION: 400,
+    METHOD_NOT_FOUND: 404,
+}
+STATE_TTL: Final = 300.0
+"""How long a call waiting for the client's input is kept before it is cancelled."""
+MAX_PENDING: Final = 1000
+_SENTINEL = re.compile(r"=\?base64\?(.*)\?=")
+LISTEN_FILTERS: Final = {
+    "toolsListChanged": ("notifications/tools/list_changed", "tools"),
+    "promptsListChanged": ("notifications/prompts/list_changed", "prompts"),
+    "resourcesListChanged": ("notifications/resources/list_changed", "resources"),
+}
+
+
+def is_modern(request: web.Request) -> bool:
+    """The era is chosen per request by its version header: anything not a handshake version is modern."""
+    version = request.headers.get("MCP-Protocol-Version")
+    return version is not None and version not in HANDSHAKE_VERSIONS
+
+
+def _header_value(raw: str | None) -> str | None:
+    """An `Mcp-Name` value, decoding the `=?base64?...?=` form used for values HTTP cannot carry."""
+    if raw is None or (match := _SENTINEL.fullmatch(raw)) is None:
+        return raw
+    try:
+        return base64.b64decode(match.group(1), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
+def reply(message: Message) -> web.Response:
+    error = message.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    status = HTTP_STATUS.get(code, 200) if isinstance(code, int) else 200
+    return web.Response(text=dumps(message), status=status, content_type="application/json")
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """A call paused on the client's input: its session, stream and task outlive the HTTP request."""
+
+    session: Session
+    stream: EventStream
+    task: asyncio.Task[None]
+    method: str
+    after: int
+    expires: float
+
+
+class ModernHTTP:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._waiting: dict[str, _Waiting] = {}
+
+    def _ladder(self, request: web.Request, message: Message) -> Message | None:
+        """The first envelope rule the request breaks, as its JSON-RPC error; None when it passes."""
+        request_id = message["id"]
+        params = message.get("params") or {}
+        meta = params.get("_meta")
+        if not isinstance(meta, dict) or VERSION_META not in meta or CAPABILITIES_META not in meta:
+            return error_response(
+                request_id,
+                INVALID_PARAMS,
+                f"params._meta must carry {VERSION_META!r} and {CAPABILITIES_META!r}",
+            )
+        for header in ("MCP-Protocol-Version", "Mcp-Method", "Mcp-Name"):
+            if len(request.headers.getall(header, [])) > 1:
+                return error_response(request_id, HEADER_MISMATCH, f"{header} header appears more than once")
+        if request.headers.get("MCP-Protocol-Version") != meta[VERSION_META]:
+            return error_response(
+                request_id, HEADER_MISMATCH, "MCP-Protocol-Version header does not match params._meta"
+            )
+        method = message["method"]
+        if request.headers.get("Mcp-Method") != method:
+            return error_response(request_id, HEADER_MISMATCH, "Mcp-Method header does not match the method")
+        name_key = NAME_PARAM.get(method)
+        named = params.get(name_key) if name_key is not None else None
+        if named is not None and _header_value(request.headers.get("Mcp-Name")) != named:
+            return error_response(
+                request_id, HEADER_MISMATCH, f"Mcp-Name header does not match params.{name_key}"
+            )
+        if meta[VERSION_META] not in MODERN_VERSIONS:
+            return error_response(
+                request_id,
+                UNSUPPORTED_VERSION,
+                "Unsupported protocol version",
+                {"supported": list(ALL_VERSIONS), "requested": str(meta[VERSION_META])[:40]},
+            )
+        return None
+
+    def _session(self, request: web.Request, message: Message) -> Session:
+        """A session for this one request: it carries the caller's identity and declared capabilities."""
+        meta = message["params"]["_meta"]
+        store = request.app[SESSIONS]
+        session = Session(
+            secrets.token_urlsafe(16), "modern", self.gateway, request.get(IDENTITY), store.buffer_size
+        )
+        session.protocol_version = meta[VERSION_META]
+        capabilities = meta.get(CAPABILITIES_META)
+        session.client_capabilities = capabilities if isinstance(capabilities, dict) else {}
+        info = meta.get(INFO_META)
+        session.client_info = info if isinstance(info, dict) else {}
+        level = meta.get(LOG_LEVEL_META)
+        session.log_level = level if isinstance(level, str) else "emergency"  # no opt-in, no log messages
+        session.initialized = True
+        return session
+
+    async def post(self, request: web.Request, body: Any) -> web.StreamResponse:
+        version = request.headers.get("MCP-Protocol-Version", "")
+        if version not in MODERN_VERSIONS:
+            # A version nobody speaks: say which ones we do, so the client can pick one.
+            request_id = body.get("id") if isinstance(body, dict) else None
+            return reply(
+                self._unsupported(request_id if isinstance(request_id, str | int) else None, version)
+            )
+        if isinstance(body, dict) and "method" in body and "id" not in body:
+            # 2026-07-28 defines no client notifications over HTTP (closing a stream is the
+            # cancellation); they are acknowledged and dropped, as the revision allows.
+            return web.Response(status=202)
+        try:
+            message = validate_message(body)
+        except ProtocolError as exc:
+            return reply(exc.to_message())
+        if not is_request(message):
+            return reply(error_response(None, INVALID_REQUEST, "Invalid Request: POST one JSON-RPC request"))
+        if (refusal := self._ladder(request, message)) is not None:
+            return reply(refusal)
+        if message["method"] == "subscriptions/listen":
+            return await self._listen(request, message)
+        return await self._answer(request, message)
+
+    def _unsupported(self, request_id: str | int | None, version: str) -> Message:
+        return error_response(
+            request_id,
+            UNSUPPORTED_VERSION,
+            "Unsupported protocol version",
+            {"supported": list(ALL_VERSIONS), "requested": version[:40]},
+        )
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for token in [t for t, w in self._waiting.items() if w.expires < now]:
+            self._waiting.pop(token).task.cancel()
+
+    async def _answer(self, request: web.Request, message: Message) -> web.StreamResponse:
+        self._expire()
+        params = message.get("params") or {}
+        token = params.get("requestState")
+        if token is None:
+            session = self._session(request, message)
+            stream = session.open_request_stream(message["id"])
+
+            async def run() -> None:
+                try:
+                    stream.push(await self.gateway.handle_modern(session, message))
+                finally:
+                    stream.finish()
+
+            task = asyncio.create_task(run())
+            after = 0
+        else:
+            waiting = self._waiting.pop(str(token), None)
+            if (
+                waiting is None
+                or waiting.session.identity != request.get(IDENTITY)
+                or waiting.method != message["method"]
+            ):
+                # Unknown, expired, or someone else's: all look the same from outside.
+                return reply(error_response(message["id"], INVALID_PARAMS, "unknown or expired requestState"))
+            session, stream, task, after = waiting.session, waiting.stream, waiting.task, waiting.after
+            responses = params.get("inputResponses") or {}
+            for key, value in responses.items() if isinstance(responses, dict) else ():
+                self.gateway.handle_response(session, {"jsonrpc": "2.0", "id": key, "result": value})
+        return await self._relay(request, message, session, stream, task, after)
+
+    async def _relay(
+        self,
+        request: web.Request,
+        message: Message,
+        session: Session,
+        stream: EventStream,
+        task: asyncio.Task[None],
+        after: int,
+    ) -> web.StreamResponse:
+        """Carry the call's events to this POST: JSON when only the answer comes, SSE when more does."""
+        response: web.StreamResponse | None = None
+        keepalive = request.app[TRANSPORT].keepalive
+        paused = False
+        try:
+            async for item in stream.read(after, request, keepalive):
+                if item is None:
+                    if response is not None:
+                        await response.write(b": keep-alive\n\n")
+                    continue
+                after, data = item
+                event = json.loads(data)
+                if "method" in event and "id" in event:
+                    final = self._pause(message, session, stream, task, after, event)
+                    paused = True
+                elif "method" in event:
+                    if response is None:
+                        response = await open_sse(request)
+                    await response.write(encode(data, event="message"))
+                    continue
+                else:
+                    final = {**event, "id": message["id"]}
+                if response is None:
+                    return reply(final)
+                await response.write(encode(dumps(final), event="message"))
+                return response
+            return reply(error_response(message["id"], INVALID_REQUEST, "the call ended without an answer"))
+        finally:
+            stream.release(request)
+            if not paused and not task.done():
+                task.cancel()  # the client closed the stream: that is the cancellation
+
+    def _pause(
+        self,
+        message: Message,
+        session: Session,
+        stream: EventStream,
+        task: asyncio.Task[None],
+        after: int,
+        server_request: Message,
+    ) -> Message:
+        """Turn a backend's request to the client into an InputRequiredResult and park the call."""
+        if len(self._waiting) >= MAX_PENDING:
+            task.cancel()
+            return error_response(
+                message["id"], INVALID_REQUEST, "too many calls waiting for input; retry later"
+            )
+        token = secrets.token_urlsafe(32)
+        self._waiting[token] = _Waiting(
+            session, stream, task, message["method"], after, time.monotonic() + STATE_TTL
+        )
+        request_entry = {"method": server_request["method"], "params": server_request.get("params") or {}}
+        return {
+            "jsonrpc": "2.0",
+            "id": message["id"],
+            "result": {
+                "resultType": "input_required",
+                "inputRequests": {str(server_request["id"]): request_entry},
+                "requestState": token,
+            },
+        }
+
+    async def _listen(self, request: web.Request, message: Message) -> web.StreamResponse:
+        """`subscriptions/listen`: a long-lived stream of the change notifications the client asked for."""
+        session = self._session(request, message)
+        backend = self.gateway.backend
+        wanted = (message.get("params") or {}).get("notifications") or {}
+        agreed: dict[str, Any] = {}
+        for field, (_, capability) in LISTEN_FILTERS.items():
+            offered = backend.capabilities.get(capability)
+            if wanted.get(field) and isinstance(offered, dict) and offered.get("listChanged"):
+                agreed[field] = True
+        uris = [u for u in wanted.get("resourceSubscriptions") or [] if isinstance(u, str)]
+        if uris and (backend.capabilities.get("resources") or {}).get("subscribe"):
+            agreed["resourceSubscriptions"] = uris
+        methods = {LISTEN_FILTERS[f][0] for f in agreed if f in LISTEN_FILTERS}
+        backend.attach(session)
+        session.on_close.append(backend.detach)
+        subscribed: set[str] = set()
+        for uri in agreed.get("resourceSubscriptions", []):
+            sub = {
+                "jsonrpc": "2.0",
+                "id": f"listen-{uri}",
+                "method": "resources/subscribe",
+                "params": {"uri": uri},
+            }
+            if "result" in await backend.subscribe(session, sub):
+                subscribed.add(uri)
+        tag = {SUBSCRIPTION_META: message["id"]}
+        response = await open_sse(request)
+        try:
+            ack = {
+                "jsonrpc": "2.0",
+                "method": "notifications/subscriptions/acknowledged",
+                "params": {"notifications": agreed, "_meta": tag},
+            }
+            await response.write(encode(dumps(ack), event="message"))
+            async for item in session.standalone.read(0, response, request.app[TRANSPORT].keepalive):
+                if item is None:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                event = json.loads(item[1])
+                method = event.get("method")
+                uri = (event.get("params") or {}).get("uri")
+                if method in methods or (method == "notifications/resources/updated" and uri in subscribed):
+                    params = {**(event.get("params") or {}), "_meta": tag}
+                    await response.write(encode(dumps({**event, "params": params}), event="message"))
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            session.close()
+        return response
