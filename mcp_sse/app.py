@@ -38,10 +38,12 @@ from .settings import GATEWAY_SECRETS, Settings, read_env_file
 from .state import AUDIT, BACKENDS, KEYS, LOGINS, SESSIONS, TASKS, TRANSPORT, TransportSettings
 from .transport.legacy_sse import LegacySSE
 from .transport.streamable import StreamableHTTP
+from .upstream.aggregate import AggregateBackend
 from .upstream.backend import Backend, StdioBackend
-from .upstream.builtin import BuiltinBackend
+from .upstream.builtin import BuiltinBackend, load_toolset
 from .upstream.config import load_servers
 from .upstream.default import default_toolset
+from .upstream.isolation import PerSessionBackend
 
 __all__ = ["build_backends", "create_app", "end_identities", "reload_keys"]
 
@@ -62,7 +64,12 @@ def build_backends(
     merged = {**(read_env_file(env_file) if env_file else {}), **environ}
     base_env = {k: v for k, v in merged.items() if k not in GATEWAY_SECRETS}
     for spec in load_servers(settings.servers_file, merged):
-        backends[spec.name] = StdioBackend(spec, max_line=settings.max_line, base_env=base_env)
+        if spec.module is not None:
+            backends[spec.name] = BuiltinBackend(load_toolset(spec.module), name=spec.name)
+        elif spec.isolation == "per-session":
+            backends[spec.name] = PerSessionBackend(spec, max_line=settings.max_line, base_env=base_env)
+        else:
+            backends[spec.name] = StdioBackend(spec, max_line=settings.max_line, base_env=base_env)
     return backends
 
 
@@ -157,6 +164,10 @@ def create_app(
 
     if len(backends) == 1:
         _add_mcp_routes(app, "", gateway(*next(iter(backends.items()))))
+    else:
+        aggregate = AggregateBackend(backends, separator=settings.tool_separator)
+        _add_mcp_routes(app, "", gateway("*", aggregate))
+        app.on_startup.append(lambda app: _report_collisions(app, aggregate))
     for name, backend in backends.items():
         _add_mcp_routes(app, f"/servers/{name}", gateway(name, backend))
 
@@ -236,6 +247,16 @@ async def _reaper(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _report_collisions(app: web.Application, aggregate: AggregateBackend) -> None:
+    async def report() -> None:
+        if collisions := await aggregate.report_collisions():
+            app[AUDIT].event("backend.resource_collision", None, uris=collisions[:50])
+
+    task = asyncio.create_task(report())
+    app[TASKS].add(task)
+    task.add_done_callback(app[TASKS].discard)
 
 
 async def _close_audit(app: web.Application) -> None:

@@ -218,6 +218,8 @@ class Gateway:
             return error_response(
                 request_id, INTERNAL_ERROR, f"backend {self.name!r} is {self.backend.state}"
             )
+        if (problem := await self.backend.open_session(session)) is not None:
+            return error_response(request_id, INTERNAL_ERROR, problem)
         session.protocol_version = negotiate(params.get("protocolVersion"))
         capabilities = params.get("capabilities")
         session.client_capabilities = capabilities if isinstance(capabilities, dict) else {}

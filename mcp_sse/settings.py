@@ -144,6 +144,7 @@ class Settings:
         default=10.0, metadata={"env": "SHUTDOWN_GRACE_SECONDS", "parse": _positive(float)}
     )
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "parse": str.upper})
+    tool_separator: str = field(default="__", metadata={"env": "TOOL_SEPARATOR", "parse": str})
     # -- the secure profile -----------------------------------------------------------------
     allowed_ips: tuple[str, ...] = field(
         default=("127.0.0.1", "::1"), metadata={"env": "ALLOWED_IPS", "parse": _list}
@@ -190,6 +191,8 @@ class Settings:
             raise SettingsError("SSE_KEEPALIVE_SECONDS must be at most 25")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        if not self.tool_separator or any(c.isspace() for c in self.tool_separator):
+            raise SettingsError("TOOL_SEPARATOR must be non-empty and without spaces")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SettingsError("TLS_CERT and TLS_KEY go together: set both or neither")
         if "*" in self.allowed_origins:

@@ -15,7 +15,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -24,11 +24,23 @@ from .jsonrpc import Message, dumps, id_key
 if TYPE_CHECKING:
     from ..gateway import Gateway
 
-__all__ = ["EventStream", "Session", "SessionStore", "StreamOverrun", "valid_session_id"]
+__all__ = [
+    "EventStream",
+    "Session",
+    "SessionStore",
+    "StreamOverrun",
+    "forwardable_headers",
+    "valid_session_id",
+]
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{16,128}")
 _EVENT_ID = re.compile(r"(\d{1,9})-(\d{1,18})")
 FINISHED_STREAMS_KEPT: Final = 16
+
+
+def forwardable_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Request headers a per-session backend may be given: never the caller's credentials."""
+    return {k.lower(): v for k, v in headers.items() if k.lower() not in ("authorization", "cookie")}
 
 
 def valid_session_id(value: str | None) -> bool:
@@ -106,12 +118,14 @@ class EventStream:
 class Session:
     id: str
     kind: Literal["sse", "streamable", "modern"]
-    gateway: Gateway
+    gateway: Gateway | None
     identity: str | None
     buffer_size: int
     protocol_version: str = ""
     client_capabilities: dict[str, Any] = field(default_factory=dict)
     client_info: dict[str, Any] = field(default_factory=dict)
+    http_headers: dict[str, str] = field(default_factory=dict)
+    """Headers of the request that opened the session (lowercase names, credentials removed)."""
     initialized: bool = False
     log_level: str | None = None
     closed: bool = False
@@ -188,9 +202,16 @@ class SessionStore:
     def full(self) -> bool:
         return len(self._sessions) >= self.max_sessions
 
-    def create(self, kind: Literal["sse", "streamable"], gateway: Gateway, identity: str | None) -> Session:
+    def create(
+        self,
+        kind: Literal["sse", "streamable"],
+        gateway: Gateway,
+        identity: str | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Session:
         # 256 random bits, URL-safe: unguessable and valid in a header or a query string.
         session = Session(secrets.token_urlsafe(32), kind, gateway, identity, self.buffer_size)
+        session.http_headers = forwardable_headers(headers or {})
         self._sessions[session.id] = session
         session.on_close.append(self._forget)
         return session

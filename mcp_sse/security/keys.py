@@ -58,7 +58,8 @@ class ApiKey:
         return self.expires is not None and (now or dt.datetime.now(dt.UTC)) >= self.expires
 
     def may_use_backend(self, backend: str) -> bool:
-        return self.backends is None or backend in self.backends
+        """`*` is the aggregate of all backends: only a key limited to none may use it."""
+        return self.backends is None or (backend != "*" and backend in self.backends)
 
     def may_use_tool(self, tool: str) -> bool:
         allowed = any(fnmatch.fnmatchcase(tool, pattern) for pattern in self.tools_allow)

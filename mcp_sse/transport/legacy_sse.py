@@ -43,7 +43,7 @@ class LegacySSE:
             raise http_error(
                 web.HTTPServiceUnavailable, "too many sessions; retry later", **{"Retry-After": "5"}
             )
-        session = store.create("sse", self.gateway, request.get(IDENTITY))
+        session = store.create("sse", self.gateway, request.get(IDENTITY), request.headers)
         try:
             response = await open_sse(request)
             endpoint = f"{self.messages_path}?session_id={session.id}"

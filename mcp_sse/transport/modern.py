@@ -35,7 +35,7 @@ from ..protocol.jsonrpc import (
     is_request,
     validate_message,
 )
-from ..protocol.session import EventStream, Session
+from ..protocol.session import EventStream, Session, forwardable_headers
 from ..protocol.versions import ALL_VERSIONS, HANDSHAKE_VERSIONS, MODERN_VERSIONS
 from ..state import IDENTITY, SESSIONS, TRANSPORT
 from .sse import encode, open_sse
@@ -161,6 +161,7 @@ class ModernHTTP:
         level = meta.get(LOG_LEVEL_META)
         session.log_level = level if isinstance(level, str) else "emergency"  # no opt-in, no log messages
         session.initialized = True
+        session.http_headers = forwardable_headers(request.headers)
         return session
 
     async def post(self, request: web.Request, body: Any) -> web.StreamResponse:

@@ -112,7 +112,7 @@ class StreamableHTTP:
             raise http_error(
                 web.HTTPServiceUnavailable, "too many sessions; retry later", **{"Retry-After": "5"}
             )
-        session = store.create("streamable", self.gateway, request.get(IDENTITY))
+        session = store.create("streamable", self.gateway, request.get(IDENTITY), request.headers)
         reply = await self.gateway.handle_request(session, message)
         if "error" in reply:
             session.close()

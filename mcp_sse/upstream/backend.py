@@ -76,6 +76,10 @@ class Backend(ABC):
     async def unsubscribe(self, session: Session, message: Message) -> Message:
         return {"jsonrpc": "2.0", "id": message["id"], "result": {}}
 
+    async def open_session(self, session: Session) -> str | None:
+        """Prepare for a new session before it is answered; a reason to refuse it, or None."""
+        return None
+
     def attach(self, session: Session) -> None:  # noqa: B027 - optional hook
         """A session initialized against this backend."""
 

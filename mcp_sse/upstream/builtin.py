@@ -13,6 +13,7 @@ before the function runs, and a bad one is answered with -32602 naming the field
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import logging
@@ -26,8 +27,9 @@ from .. import __version__
 from ..protocol.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, error_response, result_response
 from ..protocol.session import Session
 from .backend import Backend
+from .config import ConfigError
 
-__all__ = ["BuiltinBackend", "Tool", "ToolSet"]
+__all__ = ["BuiltinBackend", "Tool", "ToolSet", "load_toolset"]
 
 log = logging.getLogger("mcp_sse.builtin")
 _JSON_TYPES: dict[Any, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
@@ -152,11 +154,23 @@ def _content(value: Any) -> dict[str, Any]:
     return result
 
 
+def load_toolset(reference: str) -> ToolSet:
+    """`package.module:attribute` -> the ToolSet it names (a servers-file "module" entry)."""
+    module_name, _, attribute = reference.partition(":")
+    try:
+        toolset = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load in-process tools {reference!r}: {exc}") from None
+    if not isinstance(toolset, ToolSet):
+        raise ConfigError(f"{reference!r} is a {type(toolset).__name__}, not a mcp_sse ToolSet")
+    return toolset
+
+
 class BuiltinBackend(Backend):
-    def __init__(self, toolset: ToolSet) -> None:
+    def __init__(self, toolset: ToolSet, *, name: str | None = None) -> None:
         super().__init__()
         self.toolset = toolset
-        self.name = toolset.name
+        self.name = name or toolset.name
         self.capabilities = {"tools": {"listChanged": False}}
         self.server_info = {"name": toolset.name, "version": toolset.version}
         self.instructions = toolset.instructions

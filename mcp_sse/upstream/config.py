@@ -17,10 +17,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from ..settings import GATEWAY_SECRETS
+
 __all__ = ["ConfigError", "ServerSpec", "expand", "load_servers"]
 
 log = logging.getLogger("mcp_sse.upstream")
-SERVER_KEYS: Final = frozenset({"command", "args", "env", "cwd", "timeout"})
+SERVER_KEYS: Final = frozenset(
+    {
+        "command",
+        "args",
+        "env",
+        "cwd",
+        "timeout",
+        "module",
+        "isolation",
+        "max_sessions",
+        "idle_timeout",
+        "env_from_headers",
+    }
+)
+_HEADER = re.compile(r"[A-Za-z0-9-]{1,64}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_MODULE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+FORBIDDEN_FROM_HEADERS: Final = frozenset({"authorization", "cookie", "proxy-authorization"})
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -32,11 +51,19 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ServerSpec:
     name: str
-    command: str
+    command: str = ""
     args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     timeout: float = 60.0
+    module: str | None = None
+    """`package.module:attribute`, a ToolSet served in-process instead of a child."""
+    isolation: str = "shared"
+    """"shared": one child for every session; "per-session": a child of its own for each session."""
+    max_sessions: int = 10
+    idle_timeout: float | None = None
+    env_from_headers: Mapping[str, str] = field(default_factory=dict)
+    """Request header -> child environment variable; per-session backends only."""
 
 
 def expand(value: str, environ: Mapping[str, str], where: str) -> str:
@@ -55,6 +82,38 @@ def _string(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a string")
     return value
+
+
+def _isolation(entry: dict[str, Any], where: str) -> dict[str, Any]:
+    isolation = entry.get("isolation", "shared")
+    if isolation not in ("shared", "per-session"):
+        raise ConfigError(f'{where}.isolation must be "shared" or "per-session"')
+    per_session = {"max_sessions", "idle_timeout", "env_from_headers"} & set(entry)
+    if isolation == "shared" and per_session:
+        # A shared child serves every caller: a per-caller value given to it would leak to all of them.
+        raise ConfigError(f'{where}: {sorted(per_session)[0]!r} needs "isolation": "per-session"')
+    limit = entry.get("max_sessions", 10)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"{where}.max_sessions must be a positive integer")
+    idle = entry.get("idle_timeout")
+    if idle is not None and (isinstance(idle, bool) or not isinstance(idle, int | float) or idle <= 0):
+        raise ConfigError(f"{where}.idle_timeout must be a positive number of seconds")
+    mapping = entry.get("env_from_headers", {})
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where}.env_from_headers must map header names to environment variable names")
+    for header, variable in mapping.items():
+        if not _HEADER.fullmatch(header) or header.lower() in FORBIDDEN_FROM_HEADERS:
+            raise ConfigError(
+                f"{where}.env_from_headers: {header[:64]!r} is not a header that may be passed on"
+            )
+        if not isinstance(variable, str) or not _ENV_NAME.fullmatch(variable) or variable in GATEWAY_SECRETS:
+            raise ConfigError(f"{where}.env_from_headers.{header}: not an environment variable name")
+    return {
+        "isolation": isolation,
+        "max_sessions": limit,
+        "idle_timeout": None if idle is None else float(idle),
+        "env_from_headers": {h.lower(): v for h, v in mapping.items()},
+    }
 
 
 def load_servers(path: str | Path, environ: Mapping[str, str] | None = None) -> list[ServerSpec]:
@@ -83,8 +142,18 @@ def load_servers(path: str | Path, environ: Mapping[str, str] | None = None) -> 
             raise ConfigError(
                 f"{where}: unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(SERVER_KEYS))})"
             )
-        if "command" not in entry:
-            raise ConfigError(f'{where}: "command" is required')
+        if ("command" in entry) == ("module" in entry):
+            raise ConfigError(
+                f'{where}: give exactly one of "command" (a child) or "module" (in-process tools)'
+            )
+        if "module" in entry:
+            module = _string(entry["module"], f"{where}.module")
+            if not _MODULE.fullmatch(module) or set(entry) - {"module", "timeout"}:
+                raise ConfigError(
+                    f'{where}: "module" is "package.module:toolset", with no other key but "timeout"'
+                )
+            specs.append(ServerSpec(name=name, module=module, timeout=float(entry.get("timeout", 60.0))))
+            continue
         command = expand(_string(entry["command"], f"{where}.command"), environ, f"{where}.command")
         args = entry.get("args", [])
         if not isinstance(args, list):
@@ -110,6 +179,7 @@ def load_servers(path: str | Path, environ: Mapping[str, str] | None = None) -> 
                 },
                 cwd=None if cwd is None else expand(_string(cwd, f"{where}.cwd"), environ, f"{where}.cwd"),
                 timeout=float(timeout),
+                **_isolation(entry, where),
             )
         )
     if not specs:

@@ -68,6 +68,24 @@ async def log_and_answer(text: str, ctx: Context) -> str:
 
 
 @server.tool()
+def env(name: str) -> str:
+    """The value of an environment variable in this child ("" when unset)."""
+    return os.environ.get(name, "")
+
+
+@server.tool()
+async def record_cancel(seconds: float, path: str) -> str:
+    """Sleep; if the call is cancelled meanwhile, write "cancelled" to `path`."""
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        with open(path, "w") as file:
+            file.write("cancelled")
+        raise
+    return "finished"
+
+
+@server.tool()
 def crash() -> str:
     """Exit the whole server process at once, mid-call."""
     os._exit(3)

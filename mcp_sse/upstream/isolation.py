@@ -1,0 +1,154 @@
+"""Per-session isolation: a child of its own for each client session, for servers that keep
+per-caller state or must receive per-caller values (a header mapped into the child's env).
+
+Children start when a session initializes and are reaped when it ends, or when it has been
+idle for the backend's `idle_timeout`. At most `max_sessions` run at once; the next session
+is refused with an error that says so, never queued forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+from ..protocol.jsonrpc import INTERNAL_ERROR, Message, error_response
+from ..protocol.session import Session
+from .backend import READY_WAIT, Backend, StdioBackend
+from .config import ServerSpec
+
+__all__ = ["PerSessionBackend"]
+
+log = logging.getLogger("mcp_sse.upstream")
+REAP_INTERVAL: Final = 1.0
+
+
+class PerSessionBackend(Backend):
+    def __init__(self, spec: ServerSpec, *, max_line: int, base_env: Mapping[str, str]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.name = spec.name
+        self.timeout = spec.timeout
+        self.max_line = max_line
+        self.base_env = dict(base_env)
+        self.children: dict[str, tuple[Session, StdioBackend]] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+        self.state = "running"  # ready to start children; each child has its own state
+        self._ready.set()
+
+    async def start(self) -> None:
+        if self.spec.idle_timeout is not None:
+            self._reaper = asyncio.create_task(self._reap_idle(self.spec.idle_timeout))
+
+    async def _reap_idle(self, idle: float) -> None:
+        while True:
+            await asyncio.sleep(min(REAP_INTERVAL, idle))
+            now = time.monotonic()
+            for session, _ in list(self.children.values()):
+                if now - session.last_seen > idle:
+                    log.info("backend %s: session idle for %.0f s, its child is reaped", self.name, idle)
+                    session.close()
+
+    async def open_session(self, session: Session) -> str | None:
+        if len(self.children) >= self.spec.max_sessions:
+            limit = self.spec.max_sessions
+            return f"backend {self.name!r}: all {limit} per-session children are in use; retry later"
+        # Only here, in a child of its own, may a caller's header become part of the environment.
+        extra = {
+            var: session.http_headers[h]
+            for h, var in self.spec.env_from_headers.items()
+            if h in session.http_headers
+        }
+        spec = dataclasses.replace(self.spec, env={**self.spec.env, **extra})
+        child = StdioBackend(spec, max_line=self.max_line, base_env=self.base_env)
+        self.children[session.id] = (session, child)
+        await child.start()
+        if not await child.wait_ready(READY_WAIT):
+            self._release(session.id)
+            return f"backend {self.name!r} could not start a child for this session: {child.last_error}"
+        self.capabilities = child.capabilities
+        self.server_info = child.server_info
+        self.instructions = child.instructions
+        return None
+
+    def _child(self, session: Session) -> StdioBackend | None:
+        entry = self.children.get(session.id)
+        return entry[1] if entry else None
+
+    async def request(self, session: Session, message: Message) -> Message:
+        child = self._child(session)
+        if child is None and session.kind == "modern":
+            # A 2026-era request has no session to keep a child for: it gets one for itself.
+            if (problem := await self.open_session(session)) is not None:
+                return error_response(message["id"], INTERNAL_ERROR, problem)
+            try:
+                return await self.request(session, message)
+            finally:
+                self._release(session.id)
+        if child is None:
+            return error_response(
+                message["id"], INTERNAL_ERROR, f"backend {self.name!r}: no child for this session"
+            )
+        return await child.request(session, message)
+
+    def notify(self, session: Session, message: Message) -> None:
+        if child := self._child(session):
+            child.notify(session, message)
+
+    def respond(self, session: Session, message: Message) -> bool:
+        child = self._child(session)
+        return child.respond(session, message) if child else False
+
+    async def subscribe(self, session: Session, message: Message) -> Message:
+        child = self._child(session)
+        return await child.subscribe(session, message) if child else await super().subscribe(session, message)
+
+    async def unsubscribe(self, session: Session, message: Message) -> Message:
+        child = self._child(session)
+        return (
+            await child.unsubscribe(session, message)
+            if child
+            else await super().unsubscribe(session, message)
+        )
+
+    def attach(self, session: Session) -> None:
+        if child := self._child(session):
+            child.attach(session)
+
+    def detach(self, session: Session) -> None:
+        self._release(session.id)
+
+    def _release(self, session_id: str) -> None:
+        entry = self.children.pop(session_id, None)
+        if entry is None:
+            return
+        session, child = entry
+        child.detach(session)
+        task = asyncio.create_task(child.stop())
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for session_id in list(self.children):
+            self._release(session_id)
+        await asyncio.gather(*self._stopping, return_exceptions=True)
+        self.state = "stopped"
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "isolation": "per-session",
+            "children": len(self.children),
+            "max_sessions": self.spec.max_sessions,
+            "pids": [child.status()["pid"] for _, child in self.children.values()],
+        }
