@@ -129,7 +129,7 @@ async def test_session_is_bound_to_the_key_that_opened_it(
 async def test_per_key_tool_policy_filters_lists_and_refuses_calls(
     start_gateway: StartGateway, http: Any, tmp_path: Path
 ) -> None:
-    limited_secret, limited = new_key("limited", tools={"allow": ["e*", "add"], "deny": ["add"]})
+    limited_secret, limited = new_key("limited", tools={"allow": ["ec*", "add"], "deny": ["add"]})
     viewer_secret, viewer = new_key("viewer", role="viewer")
     write_keys(tmp_path / "keys.json", limited, viewer)
     gw = await start_gateway({"test": SDK_SERVER}, keys_file=tmp_path / "keys.json")
