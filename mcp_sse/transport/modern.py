@@ -38,6 +38,7 @@ from ..protocol.jsonrpc import (
 from ..protocol.session import EventStream, Session, forwardable_headers
 from ..protocol.versions import ALL_VERSIONS, HANDSHAKE_VERSIONS, MODERN_VERSIONS
 from ..state import IDENTITY, SESSIONS, TRANSPORT
+from ..upstream.backend import READY_WAIT
 from .sse import encode, open_sse
 
 __all__ = ["ModernHTTP", "is_modern"]
@@ -307,6 +308,7 @@ class ModernHTTP:
         """`subscriptions/listen`: a long-lived stream of the change notifications the client asked for."""
         session = self._session(request, message)
         backend = self.gateway.backend
+        await backend.wait_ready(READY_WAIT)  # what can be agreed depends on what the backend offers
         wanted = (message.get("params") or {}).get("notifications") or {}
         agreed: dict[str, Any] = {}
         for field, (_, capability) in LISTEN_FILTERS.items():
