@@ -196,7 +196,7 @@ def reload_keys(app: web.Application) -> None:
         None,
         outcome="ok",
         keys=len(app[KEYS].by_id),
-        removed=sorted(removed),
+        removed=", ".join(sorted(removed)),
         sessions_closed=ended,
     )
 
@@ -238,7 +238,7 @@ async def _reaper(app: web.Application) -> AsyncIterator[None]:
                 if s.identity and app[KEYS].current(s.identity) is None
             }
             if gone and (ended := end_identities(app, gone)):
-                app[AUDIT].event("session.expired", None, keys=sorted(gone), sessions_closed=ended)
+                app[AUDIT].event("session.expired", None, keys=", ".join(sorted(gone)), sessions_closed=ended)
             if (logins := app[LOGINS]) is not None:
                 logins.prune()
 
@@ -252,7 +252,7 @@ async def _reaper(app: web.Application) -> AsyncIterator[None]:
 async def _report_collisions(app: web.Application, aggregate: AggregateBackend) -> None:
     async def report() -> None:
         if collisions := await aggregate.report_collisions():
-            app[AUDIT].event("backend.resource_collision", None, uris=collisions[:50])
+            app[AUDIT].event("backend.resource_collision", None, uris=", ".join(collisions[:50]))
 
     task = asyncio.create_task(report())
     app[TASKS].add(task)

@@ -220,12 +220,16 @@ class Gateway:
             )
         if (problem := await self.backend.open_session(session)) is not None:
             return error_response(request_id, INTERNAL_ERROR, problem)
+        if session.closed:  # the client left while its backend was being prepared
+            self.backend.detach(session)
+            return error_response(request_id, INTERNAL_ERROR, "session closed during initialize")
         session.protocol_version = negotiate(params.get("protocolVersion"))
         capabilities = params.get("capabilities")
         session.client_capabilities = capabilities if isinstance(capabilities, dict) else {}
         info = params.get("clientInfo")
         session.client_info = info if isinstance(info, dict) else {}
         session.initialized = True
+        session.touch()
         self.backend.attach(session)
         session.on_close.append(self._closed)
         if self.audit is not None:

@@ -129,10 +129,12 @@ class AggregateBackend(Backend):
     async def _list(self, session: Session, message: Message) -> Message:
         method = message["method"]
         field, key = _LISTS[method]
-        offered = [n for n, b in self.backends.items() if _offers(b, field)]
+        # A backend that is not running is reported whatever it offered; a running one is
+        # asked only for what it offers.
+        down = [n for n, b in self.backends.items() if b.state != "running"]
+        offered = [n for n, b in self.backends.items() if b.state == "running" and _offers(b, field)]
         pages = await asyncio.gather(*(self._list_one(n, session, message) for n in offered))
         merged: list[dict[str, Any]] = []
-        down = []
         for name, items in zip(offered, pages, strict=True):
             if items is None:
                 down.append(name)

@@ -50,7 +50,8 @@ class PerSessionBackend(Backend):
             await asyncio.sleep(min(REAP_INTERVAL, idle))
             now = time.monotonic()
             for session, _ in list(self.children.values()):
-                if now - session.last_seen > idle:
+                # A session still initializing has not been idle: its child is only starting.
+                if session.initialized and now - session.last_seen > idle:
                     log.info("backend %s: session idle for %.0f s, its child is reaped", self.name, idle)
                     session.close()
 

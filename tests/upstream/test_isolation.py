@@ -1,0 +1,147 @@
+"""Per-session children: one per client session, capped, reaped; the only place for per-caller values."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import traceback
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from mcp_sse.upstream.config import ConfigError, load_servers
+from tests.conftest import SDK_SERVER, StartGateway, mcp_client, text_of
+
+PER_SESSION = {**SDK_SERVER, "isolation": "per-session"}
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"  # a zombie has already exited
+    except FileNotFoundError:
+        return False
+
+
+async def children(gw: Any) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http:
+        status = await (await http.get(gw.url + "/mcp/servers", headers=gw.headers)).json()
+    return next(s for s in status["servers"] if s["name"] == "iso")
+
+
+async def test_each_session_gets_its_own_child_and_it_is_reaped(start_gateway: StartGateway) -> None:
+    gw = await start_gateway({"iso": PER_SESSION})
+    async with (
+        mcp_client(gw.url, gw.token) as one,
+        mcp_client(gw.url, gw.token, transport="sse") as two,
+        mcp_client(gw.url, gw.token) as three,
+    ):
+        pids = [int(text_of(await c.call_tool("pid", {}))) for c in (one, two, three)]
+        assert len(set(pids)) == 3 and all(alive(p) for p in pids)
+        assert (await children(gw))["children"] == 3
+    for _ in range(100):
+        if not any(alive(p) for p in pids):
+            break
+        await asyncio.sleep(0.05)
+    assert not any(alive(p) for p in pids)
+    assert (await children(gw))["children"] == 0
+
+
+async def test_the_cap_refuses_the_next_session_clearly(start_gateway: StartGateway) -> None:
+    gw = await start_gateway({"iso": {**PER_SESSION, "max_sessions": 2}})
+    async with mcp_client(gw.url, gw.token) as one, mcp_client(gw.url, gw.token) as two:
+        with pytest.raises(BaseException) as refused:  # the SDK wraps it in its task group's ExceptionGroup
+            async with mcp_client(gw.url, gw.token):
+                pass
+        assert "all 2 per-session children are in use" in "".join(traceback.format_exception(refused.value))
+        assert text_of(await one.call_tool("echo", {"text": "1"})) == "1"
+        assert text_of(await two.call_tool("echo", {"text": "2"})) == "2"
+    async with mcp_client(gw.url, gw.token) as later:  # a slot is free again
+        assert text_of(await later.call_tool("echo", {"text": "3"})) == "3"
+
+
+async def test_headers_reach_only_their_own_child(start_gateway: StartGateway) -> None:
+    gw = await start_gateway({"iso": {**PER_SESSION, "env_from_headers": {"X-User-Token": "USER_TOKEN"}}})
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    async def token_seen(user: str) -> str:
+        headers = {"Authorization": f"Bearer {gw.token}", "X-User-Token": user}
+        async with httpx2.AsyncClient(headers=headers, timeout=30) as http, Client(
+            streamable_http_client(gw.url + "/mcp", http_client=http), mode="legacy"
+        ) as client:
+            seen = text_of(await client.call_tool("env", {"name": "USER_TOKEN"}))
+            auth = text_of(await client.call_tool("env", {"name": "AUTH_TOKEN"}))
+            assert auth == ""  # the gateway's own secret never reaches a child
+            return seen
+
+    assert await asyncio.gather(token_seen("alice"), token_seen("bob")) == ["alice", "bob"]
+
+
+async def test_idle_sessions_are_reaped(start_gateway: StartGateway) -> None:
+    gw = await start_gateway({"iso": {**PER_SESSION, "idle_timeout": 0.5}})
+    async with aiohttp.ClientSession() as http:
+        init = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "0"},
+            },
+        }
+        headers = {**gw.headers, "Accept": "application/json, text/event-stream"}
+        response = await http.post(gw.url + "/mcp", json=init, headers=headers)
+        assert response.status == 200
+        assert (await children(gw))["children"] == 1
+        await asyncio.sleep(2.5)
+        assert (await children(gw))["children"] == 0
+        again = await http.post(
+            gw.url + "/mcp",
+            json={"jsonrpc": "2.0", "id": 2, "method": "ping"},
+            headers={**headers, "Mcp-Session-Id": response.headers["Mcp-Session-Id"]},
+        )
+        assert again.status == 404  # the session ended with its child: the client re-initializes
+
+
+def test_per_caller_values_need_per_session_isolation(tmp_path: Path) -> None:
+    path = tmp_path / "servers.json"
+    path.write_text(json.dumps({"mcpServers": {"s": {"command": "x", "env_from_headers": {"X-A": "A"}}}}))
+    with pytest.raises(ConfigError, match='needs "isolation": "per-session"'):
+        load_servers(path, {})
+    path.write_text(
+        json.dumps(
+            {
+                "mcpServers": {
+                    "s": {
+                        "command": "x",
+                        "isolation": "per-session",
+                        "env_from_headers": {"Authorization": "A"},
+                    }
+                }
+            }
+        )
+    )
+    with pytest.raises(ConfigError, match="may be passed on"):
+        load_servers(path, {})
+    path.write_text(
+        json.dumps(
+            {
+                "mcpServers": {
+                    "s": {
+                        "command": "x",
+                        "isolation": "per-session",
+                        "env_from_headers": {"X-A": "AUTH_TOKEN"},
+                    }
+                }
+            }
+        )
+    )
+    with pytest.raises(ConfigError, match="not an environment variable name"):
+        load_servers(path, {})
+    assert os.environ.get("PYTEST_CURRENT_TEST")
