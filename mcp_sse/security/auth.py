@@ -13,13 +13,13 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from ..state import API_KEY, IDENTITY
+from ..state import API_KEY, CLIENT_IP, IDENTITY
 from .audit import AuditLog, digest
 from .cookies import Logins, login_from_cookie
 from .cors import is_preflight
 from .errors import forbidden, unauthorized
 from .keys import KeyStore
-from .ratelimit import RateLimiter, StreamCounter, charge_key
+from .ratelimit import LogThrottle, RateLimiter, StreamCounter, charge_key
 
 __all__ = ["ROUTE_BACKENDS", "AuthSettings", "authentication", "authorization"]
 
@@ -53,10 +53,24 @@ def _presented_token(request: web.Request, url_auth: bool) -> str | None:
     return None
 
 
+ROUTE_BACKENDS: Final = web.AppKey("route_backends", dict[str, str])
+"""Path of each MCP route -> the backend it serves."""
+
+
+def _is_stream(request: web.Request) -> bool:
+    """A GET on an MCP route is an event stream, whatever its Accept header says."""
+    resource = request.match_info.route.resource
+    return (
+        request.method == "GET" and resource is not None and resource.canonical in request.app[ROUTE_BACKENDS]
+    )
+
+
 def authentication(
     *, keys: KeyStore, logins: Logins | None, limiter: RateLimiter, audit: AuditLog, settings: AuthSettings
 ) -> Middleware:
     streams = StreamCounter(settings.max_streams)
+    # One auth.success line per key and address every 10 minutes: a trail, not a flood.
+    successes = LogThrottle(seconds=600)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -85,12 +99,14 @@ def authentication(
                 raise forbidden("cookie-authenticated requests need an Origin listed in ALLOWED_ORIGINS")
         request[IDENTITY] = key.id
         request[API_KEY] = key
+        if successes.allow(f"{key.id}:{request.get(CLIENT_IP)}"):
+            audit.event("auth.success", request, via="bearer" if token is not None else "cookie")
         try:
             charge_key(request, limiter, key.id, key.rate_limit or settings.rate_limit)
         except web.HTTPTooManyRequests:
             audit.event("rate_limited", request, scope="key")
             raise
-        if request.method != "GET" or "text/event-stream" not in request.headers.get("Accept", ""):
+        if not _is_stream(request):
             return await handler(request)
         # A stream holds memory and a socket for as long as it lives: cap them per key.
         if not streams.acquire(key.id):
@@ -106,10 +122,6 @@ def authentication(
             streams.release(key.id)
 
     return middleware
-
-
-ROUTE_BACKENDS: Final = web.AppKey("route_backends", dict[str, str])
-"""Path prefix of each MCP route -> the backend it serves."""
 
 
 def authorization() -> Middleware:

@@ -391,3 +391,40 @@ async def test_audit_log_holds_the_events_and_not_one_secret(
     text = log_file.read_text()
     assert gw.token not in text and "definitely-wrong-token" not in text
     assert "sk-live-0123456789" not in text and "[REDACTED]" in text
+
+
+async def test_open_streams_are_capped_per_key(start_gateway: StartGateway, http: Any) -> None:
+    gw = await start_gateway(max_streams_per_key=2)
+    first = await http.get(gw.url + "/sse", headers=gw.headers)
+    second = await http.get(gw.url + "/sse", headers=gw.headers)
+    assert first.status == second.status == 200
+    third = await http.get(gw.url + "/sse", headers=gw.headers)
+    assert third.status == 429 and "open streams" in (await third.json())["error"]
+    first.close()
+    for _ in range(50):  # the slot frees as soon as the stream ends
+        again = await http.get(gw.url + "/sse", headers=gw.headers)
+        if again.status == 200:
+            break
+        await asyncio.sleep(0.05)
+    assert again.status == 200
+    again.close()
+    second.close()
+
+
+async def test_cookie_login_expires_when_idle(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(cookie_idle=0.5)
+    async with browser_session() as browser:
+        await login(browser, gw)
+        assert (await browser.get(gw.url + "/auth/session")).status == 200
+        await asyncio.sleep(0.8)
+        assert (await browser.get(gw.url + "/auth/session")).status == 401
+
+
+async def test_successful_authentication_is_audited_once_not_per_request(
+    start_gateway: StartGateway, http: Any, tmp_path: Path
+) -> None:
+    gw = await start_gateway()
+    for _ in range(5):
+        assert (await http.get(gw.url + "/health", headers=gw.headers)).status == 200
+    lines = (tmp_path / "audit.log").read_text().splitlines()
+    assert sum('"event": "auth.success"' in line for line in lines) == 1
