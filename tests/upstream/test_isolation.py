@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import traceback
 from pathlib import Path
 from typing import Any
@@ -71,9 +70,10 @@ async def test_headers_reach_only_their_own_child(start_gateway: StartGateway) -
 
     async def token_seen(user: str) -> str:
         headers = {"Authorization": f"Bearer {gw.token}", "X-User-Token": user}
-        async with httpx2.AsyncClient(headers=headers, timeout=30) as http, Client(
-            streamable_http_client(gw.url + "/mcp", http_client=http), mode="legacy"
-        ) as client:
+        async with (
+            httpx2.AsyncClient(headers=headers, timeout=30) as http,
+            Client(streamable_http_client(gw.url + "/mcp", http_client=http), mode="legacy") as client,
+        ):
             seen = text_of(await client.call_tool("env", {"name": "USER_TOKEN"}))
             auth = text_of(await client.call_tool("env", {"name": "AUTH_TOKEN"}))
             assert auth == ""  # the gateway's own secret never reaches a child
@@ -109,39 +109,24 @@ async def test_idle_sessions_are_reaped(start_gateway: StartGateway) -> None:
         assert again.status == 404  # the session ended with its child: the client re-initializes
 
 
-def test_per_caller_values_need_per_session_isolation(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ({"env_from_headers": {"X-A": "A"}}, 'needs "isolation": "per-session"'),
+        ({"isolation": "per-session", "env_from_headers": {"Authorization": "A"}}, "may be passed on"),
+        ({"isolation": "per-session", "env_from_headers": {"Cookie": "A"}}, "may be passed on"),
+        (
+            {"isolation": "per-session", "env_from_headers": {"X-A": "AUTH_TOKEN"}},
+            "not an environment variable",
+        ),
+        ({"isolation": "per-session", "max_sessions": 0}, "max_sessions must be a positive integer"),
+        ({"isolation": "sometimes"}, 'isolation must be "shared" or "per-session"'),
+    ],
+)
+def test_per_caller_values_need_per_session_isolation(
+    tmp_path: Path, entry: dict[str, Any], problem: str
+) -> None:
     path = tmp_path / "servers.json"
-    path.write_text(json.dumps({"mcpServers": {"s": {"command": "x", "env_from_headers": {"X-A": "A"}}}}))
-    with pytest.raises(ConfigError, match='needs "isolation": "per-session"'):
+    path.write_text(json.dumps({"mcpServers": {"s": {"command": "x", **entry}}}))
+    with pytest.raises(ConfigError, match=problem):
         load_servers(path, {})
-    path.write_text(
-        json.dumps(
-            {
-                "mcpServers": {
-                    "s": {
-                        "command": "x",
-                        "isolation": "per-session",
-                        "env_from_headers": {"Authorization": "A"},
-                    }
-                }
-            }
-        )
-    )
-    with pytest.raises(ConfigError, match="may be passed on"):
-        load_servers(path, {})
-    path.write_text(
-        json.dumps(
-            {
-                "mcpServers": {
-                    "s": {
-                        "command": "x",
-                        "isolation": "per-session",
-                        "env_from_headers": {"X-A": "AUTH_TOKEN"},
-                    }
-                }
-            }
-        )
-    )
-    with pytest.raises(ConfigError, match="not an environment variable name"):
-        load_servers(path, {})
-    assert os.environ.get("PYTEST_CURRENT_TEST")
