@@ -141,7 +141,9 @@ def create_app(
         idle_timeout=settings.session_idle,
         buffer_size=settings.event_buffer,
     )
-    app[TRANSPORT] = TransportSettings(keepalive=settings.keepalive, max_body=settings.max_body)
+    app[TRANSPORT] = TransportSettings(
+        keepalive=settings.keepalive, max_body=settings.max_body, write_timeout=settings.write_timeout
+    )
     app[TASKS] = set()
     app[BACKENDS] = backends
     app[KEYS] = keys

@@ -129,6 +129,9 @@ class Settings:
     keepalive: float = field(
         default=15.0, metadata={"env": "SSE_KEEPALIVE_SECONDS", "parse": _positive(float)}
     )
+    write_timeout: float = field(
+        default=30.0, metadata={"env": "SSE_WRITE_TIMEOUT_SECONDS", "parse": _positive(float)}
+    )
     max_body: int = field(
         default=4 * 1024 * 1024, metadata={"env": "MAX_BODY_BYTES", "parse": _positive(int)}
     )

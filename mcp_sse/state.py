@@ -41,6 +41,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 class TransportSettings:
     keepalive: float
     max_body: int
+    write_timeout: float
 
 
 SESSIONS: Final = web.AppKey("sessions", SessionStore)

@@ -72,6 +72,12 @@ class EventStream:
         self.finished = True
         self._changed.set()
 
+    def resume_point(self) -> int:
+        """Where a new reader without Last-Event-ID starts: after what was delivered, or after
+        what was lost when a previous reader was cut off for falling behind."""
+        oldest = self._events[0][0] if self._events else self._seq + 1
+        return max(self.delivered, oldest - 1)
+
     def event_id(self, seq: int) -> str:
         return f"{self.number}-{seq}"
 

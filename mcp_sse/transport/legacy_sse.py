@@ -48,9 +48,7 @@ class LegacySSE:
             response = await open_sse(request)
             endpoint = f"{self.messages_path}?session_id={session.id}"
             await response.write(encode(endpoint, event="endpoint"))
-            await pump(
-                response, session.standalone, 0, keepalive=request.app[TRANSPORT].keepalive, with_ids=False
-            )
+            await pump(response, session.standalone, 0, request.app[TRANSPORT], with_ids=False)
         except (ConnectionError, RuntimeError):
             pass  # the client left before the endpoint event was written
         finally:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Final
 
 from aiohttp import web
 
 from ..protocol.session import EventStream, StreamOverrun
+from ..state import TransportSettings
 
 __all__ = ["SSE_HEADERS", "encode", "open_sse", "pump"]
 
 log = logging.getLogger("mcp_sse.transport")
+
 
 SSE_HEADERS: Final = {
     "Content-Type": "text/event-stream",
@@ -41,19 +44,24 @@ async def pump(
     response: web.StreamResponse,
     stream: EventStream,
     after: int,
+    settings: TransportSettings,
     *,
-    keepalive: float,
     with_ids: bool,
 ) -> bool:
     """Write the stream's events until it finishes; False when the client went away or fell behind."""
     try:
-        async for item in stream.read(after, response, keepalive):
+        async for item in stream.read(after, response, settings.keepalive):
             if item is None:
-                await response.write(b": keep-alive\n\n")
-                continue
-            seq, data = item
-            event_id = stream.event_id(seq) if with_ids else None
-            await response.write(encode(data, event="message", event_id=event_id))
+                chunk = b": keep-alive\n\n"
+            else:
+                seq, data = item
+                chunk = encode(data, event="message", event_id=stream.event_id(seq) if with_ids else None)
+            # A peer that keeps its TCP window shut must not hold the stream (and its memory,
+            # socket and per-key slot) forever: a write that cannot finish in time ends it.
+            await asyncio.wait_for(response.write(chunk), settings.write_timeout)
+    except TimeoutError:
+        log.warning("closing a stream whose reader stopped reading")
+        return False
     except StreamOverrun as exc:
         log.warning("closing a stream whose reader fell behind: %s", exc)
         return False

@@ -156,7 +156,7 @@ class StreamableHTTP:
         try:
             if supports_priming(session.protocol_version):
                 await response.write(encode("", event_id=stream.event_id(0)))
-            await pump(response, stream, 0, keepalive=request.app[TRANSPORT].keepalive, with_ids=True)
+            await pump(response, stream, 0, request.app[TRANSPORT], with_ids=True)
         except (ConnectionError, RuntimeError):
             pass  # the answer stays buffered for a Last-Event-ID resume
         return response
@@ -165,7 +165,7 @@ class StreamableHTTP:
         if not _accepts(request, "text/event-stream"):
             raise http_error(web.HTTPNotAcceptable, "Accept must include text/event-stream")
         session = self._legacy_session(request)
-        stream, after = session.standalone, session.standalone.delivered
+        stream, after = session.standalone, session.standalone.resume_point()
         last = request.headers.get("Last-Event-ID")
         if last is not None and (resolved := session.resolve_event_id(last)) is not None:
             stream, after = resolved
@@ -173,7 +173,7 @@ class StreamableHTTP:
         try:
             if supports_priming(session.protocol_version):
                 await response.write(encode("", event_id=stream.event_id(after)))
-            await pump(response, stream, after, keepalive=request.app[TRANSPORT].keepalive, with_ids=True)
+            await pump(response, stream, after, request.app[TRANSPORT], with_ids=True)
         except (ConnectionError, RuntimeError):
             pass
         return response

@@ -165,7 +165,7 @@ class StdioBackend(Backend):
         try:
             done, _ = await asyncio.wait({handshake, exited}, return_when=asyncio.FIRST_COMPLETED)
             if handshake not in done:
-                raise RuntimeError(f"exited with code {exited.result()} during initialize")
+                raise RuntimeError(f"{exited.result()} during initialize")
             handshake.result()
             self.state = "running"
             self._ready.set()
@@ -173,13 +173,14 @@ class StdioBackend(Backend):
                 # A restarted child may serve different tools; clients should list again.
                 if "tools" in self.capabilities:
                     session.send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
-            code = await exited
-            self.last_error = f"exited with code {code}"
-            log.warning("backend %s: exited with code %s", self.name, code)
+            self.last_error = await exited
+            log.warning("backend %s: %s", self.name, self.last_error)
         finally:
             self.state = "stopped" if self._stopping else "restarting"
             self._ready.clear()
-            self.mux.fail_all(f"backend {self.name!r} exited; the request was not completed")
+            self.mux.fail_all(
+                f"backend {self.name!r} stopped ({self.last_error}); the request was not completed"
+            )
             for task in (handshake, exited):
                 task.cancel()
             await asyncio.gather(handshake, exited, return_exceptions=True)

@@ -22,6 +22,7 @@ from ..protocol.jsonrpc import Message, dumps
 __all__ = ["ChildProcess"]
 
 log = logging.getLogger("mcp_sse.upstream")
+STDOUT_GRACE = 1.0
 _LEADING_ID = re.compile(rb'^\s*\{\s*"jsonrpc"\s*:\s*"2\.0"\s*,\s*"id"\s*:\s*(-?\d{1,18}|"[^"\\]{0,256}")')
 
 
@@ -71,8 +72,19 @@ class ChildProcess:
             asyncio.create_task(self._read_stderr(self.process.stderr)),
         ]
 
-    async def wait(self) -> int:
-        """Wait for the leader to exit; return its exit code.
+    async def wait(self) -> str:
+        """Wait until the child is of no more use, and say why: its leader exited, or it closed
+        its stdout (it can never answer again, even if it keeps running)."""
+        leader = asyncio.create_task(self._leader_exit())
+        await asyncio.wait({leader, self._tasks[0]}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            # A crash closes stdout a moment before the exit is seen: give the exit that moment.
+            return f"exited with code {await asyncio.wait_for(leader, STDOUT_GRACE)}"
+        except TimeoutError:
+            return "closed its stdout"
+
+    async def _leader_exit(self) -> int:
+        """The leader's exit code, as soon as it exits.
 
         Not Process.wait(): on Python 3.11 it also waits for the pipes to close, which never
         happens while a grandchild holds them, so a crash would go unnoticed. A pidfd becomes
@@ -102,12 +114,10 @@ class ChildProcess:
         process = self.process
         if process is None or process.stdin is None or process.stdin.is_closing():
             raise ConnectionError(f"backend {self.name!r} is not running")
+        # A child that stops reading its input must not make the gateway buffer without end.
+        if process.stdin.transport.get_write_buffer_size() > self.max_line:
+            raise ConnectionError(f"backend {self.name!r} is not reading its input; request refused")
         process.stdin.write(dumps(message).encode() + b"\n")
-
-    async def drain(self) -> None:
-        if self.process and self.process.stdin and not self.process.stdin.is_closing():
-            with contextlib.suppress(ConnectionError):
-                await self.process.stdin.drain()
 
     async def _read_stdout(self, stream: asyncio.StreamReader) -> None:
         discarding = False
@@ -132,13 +142,16 @@ class ChildProcess:
                 discarding = False
                 continue
             self._dispatch(line)
+            # Let the SSE pumps run between lines: a burst read in one go must not overrun
+            # every stream's buffer before any reader had a chance to drain it.
+            await asyncio.sleep(0)
 
     def _dispatch(self, line: bytes) -> None:
         if not line.strip():
             return
         try:
             message: Any = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             log.warning("backend %s wrote a line that is not JSON; ignored", self.name)
             return
         if not isinstance(message, dict):
