@@ -142,7 +142,10 @@ def create_app(
         buffer_size=settings.event_buffer,
     )
     app[TRANSPORT] = TransportSettings(
-        keepalive=settings.keepalive, max_body=settings.max_body, write_timeout=settings.write_timeout
+        keepalive=settings.keepalive,
+        max_body=settings.max_body,
+        write_timeout=settings.write_timeout,
+        body_timeout=settings.body_timeout,
     )
     app[TASKS] = set()
     app[BACKENDS] = backends

@@ -75,6 +75,22 @@ def load_settings(args: argparse.Namespace) -> Settings:
     )
 
 
+class _QuietParserErrors(logging.Filter):
+    """aiohttp logs a request it cannot parse with the raw bytes and a traceback: a bearer token
+    in those bytes would land in the log, and any client could fill it. One plain line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            kind = type(record.exc_info[1]).__name__
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                f"refused a malformed request ({kind})",
+                (),
+                None,
+                None,
+            )
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -83,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mcp-sse: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.server").addFilter(_QuietParserErrors())
     if args.command == "generate-key":
         return generate_key_command(args.name, args.role)
     if args.command == "check-config" or args.check_config:
@@ -209,7 +226,11 @@ async def serve(settings: Settings, env_file: Path | None = None) -> None:
     # Cancelling a handler when its client goes away is how an SSE stream learns of it at once;
     # work that must outlive a request runs in its own task (transport.common.spawn).
     runner = web.AppRunner(
-        app, shutdown_timeout=settings.shutdown_grace, access_log=None, handler_cancellation=True
+        app,
+        shutdown_timeout=settings.shutdown_grace,
+        access_log=None,
+        handler_cancellation=True,
+        keepalive_timeout=settings.header_timeout,  # also bounds a connection that never finishes its headers
     )
     watchdog = None
     try:

@@ -143,9 +143,11 @@ class Gateway:
         """Why the arguments do not fit the tool's inputSchema, or None (also when no schema is known)."""
         if not isinstance(arguments, dict):
             return "arguments must be an object"
-        schema = self._schemas.get(tool)
+        schema = self._schemas.get(tool) or self.backend.tool_schema(tool)
         if schema is None:
             return None
+        if tool not in self._schemas:
+            self._schemas[tool] = schema
         validator = self._validators.get(tool)
         if validator is None:
             try:

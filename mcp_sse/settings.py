@@ -132,6 +132,12 @@ class Settings:
     write_timeout: float = field(
         default=30.0, metadata={"env": "SSE_WRITE_TIMEOUT_SECONDS", "parse": _positive(float)}
     )
+    body_timeout: float = field(
+        default=30.0, metadata={"env": "REQUEST_BODY_TIMEOUT_SECONDS", "parse": _positive(float)}
+    )
+    header_timeout: float = field(
+        default=30.0, metadata={"env": "REQUEST_HEADER_TIMEOUT_SECONDS", "parse": _positive(float)}
+    )
     max_body: int = field(
         default=4 * 1024 * 1024, metadata={"env": "MAX_BODY_BYTES", "parse": _positive(int)}
     )

@@ -42,6 +42,7 @@ class TransportSettings:
     keepalive: float
     max_body: int
     write_timeout: float
+    body_timeout: float
 
 
 SESSIONS: Final = web.AppKey("sessions", SessionStore)

@@ -7,6 +7,7 @@ a JSON-RPC error code and a message that is safe to send back (it never echoes i
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Final
 
 __all__ = [
@@ -60,6 +61,23 @@ def dumps(message: Any) -> str:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
 
 
+_LONE_SURROGATE = re.compile(
+    r"\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f])|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f][0-9a-f]{2}"
+)
+
+
+def _refuse_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON (RFC 8259); forwarding them would break strict peers.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text[:20]} overflows a double")
+    return value
+
+
 def _depth(value: Any) -> int:
     """Nesting depth of a decoded JSON value, without recursion."""
     deepest, stack = 0, [(value, 1)]
@@ -76,7 +94,8 @@ def parse_body(body: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     if not body.strip():
         raise ProtocolError(PARSE_ERROR, "Parse error: empty body")
     try:
-        value = json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except UnicodeDecodeError:
         raise ProtocolError(PARSE_ERROR, "Parse error: body is not valid UTF-8") from None
     except RecursionError:
@@ -84,6 +103,9 @@ def parse_body(body: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
         raise ProtocolError(PARSE_ERROR, f"Parse error: JSON nested deeper than {max_depth} levels") from None
     except ValueError:
         raise ProtocolError(PARSE_ERROR, "Parse error: body is not valid JSON") from None
+    if "\\u" in text and _LONE_SURROGATE.search(json.dumps(value)):
+        # Lone surrogates decode, but cannot be encoded again as UTF-8: refuse them at the door.
+        raise ProtocolError(PARSE_ERROR, "Parse error: string with a lone UTF-16 surrogate")
     # Depth can never exceed the number of opening brackets, so most bodies skip the walk.
     if body.count(b"{") + body.count(b"[") > max_depth and _depth(value) > max_depth:
         raise ProtocolError(PARSE_ERROR, f"Parse error: JSON nested deeper than {max_depth} levels")

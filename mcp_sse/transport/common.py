@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Coroutine
 from typing import Any, Literal
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from ..gateway import Gateway
-from ..protocol.jsonrpc import Message, ProtocolError, dumps, parse_body
+from ..protocol.jsonrpc import INTERNAL_ERROR, Message, ProtocolError, dumps, error_response, parse_body
 from ..protocol.session import Session, valid_session_id
 from ..state import IDENTITY, SESSIONS, TASKS, TRANSPORT
 
 __all__ = [
+    "answer_safely",
     "find_session",
     "http_error",
     "jsonrpc_reply",
@@ -22,6 +25,9 @@ __all__ = [
     "read_message",
     "spawn",
 ]
+
+
+log = logging.getLogger("mcp_sse.transport")
 
 
 def http_error(status: type[web.HTTPException], message: str, **headers: str) -> web.HTTPException:
@@ -38,13 +44,23 @@ def jsonrpc_reply(message: Message, status: int = 200, headers: dict[str, str] |
 
 
 async def read_message(request: web.Request) -> Any:
-    """Read and decode the body within the size limit; ProtocolError for bad JSON."""
-    limit = request.app[TRANSPORT].max_body
+    """Read and decode the body within the size and time limits; ProtocolError for bad JSON."""
+    settings = request.app[TRANSPORT]
+    limit = settings.max_body
     if request.content_length is None or request.content_length <= limit:
         try:
-            return parse_body(await request.read())
+            async with asyncio.timeout(settings.body_timeout):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             pass  # a chunked body that grew past the limit
+        except TimeoutError:
+            slow = http_error(web.HTTPRequestTimeout, "request body too slow")
+            slow.force_close()  # else aiohttp lingers, reading the rest of a body that never comes
+            raise slow from None
+        except RequestPayloadError:  # a body that does not decode under its Content-Encoding
+            raise http_error(web.HTTPBadRequest, "request body cannot be decoded") from None
+        else:
+            return parse_body(body)
     raise web.HTTPRequestEntityTooLarge(
         max_size=limit,
         actual_size=request.content_length or limit + 1,
@@ -77,6 +93,15 @@ def find_session(
     ):
         raise http_error(web.HTTPNotFound, "unknown or ended session; initialize a new one")
     return session
+
+
+async def answer_safely(gateway: Gateway, session: Session, message: Message) -> Message:
+    """The gateway's answer, or a JSON-RPC error: a request that was accepted is always answered."""
+    try:
+        return await gateway.handle_request(session, message)
+    except Exception:
+        log.exception("unhandled error answering %s", str(message.get("method"))[:64])
+        return error_response(message["id"], INTERNAL_ERROR, "internal error; the request was not completed")
 
 
 def spawn(app: web.Application, coroutine: Coroutine[Any, Any, None]) -> None:

@@ -19,6 +19,7 @@ from ..protocol.session import Session
 from ..protocol.versions import supports_batches
 from ..state import IDENTITY, SESSIONS, TRANSPORT
 from .common import (
+    answer_safely,
     find_session,
     http_error,
     protocol_error,
@@ -73,7 +74,7 @@ class LegacySSE:
 
     async def _handle(self, session: Session, message: Message) -> None:
         if is_request(message):
-            session.send(await self.gateway.handle_request(session, message))
+            session.send(await answer_safely(self.gateway, session, message))
         elif is_response(message):
             self.gateway.handle_response(session, message)
         else:

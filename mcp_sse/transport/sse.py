@@ -58,7 +58,8 @@ async def pump(
                 chunk = encode(data, event="message", event_id=stream.event_id(seq) if with_ids else None)
             # A peer that keeps its TCP window shut must not hold the stream (and its memory,
             # socket and per-key slot) forever: a write that cannot finish in time ends it.
-            await asyncio.wait_for(response.write(chunk), settings.write_timeout)
+            async with asyncio.timeout(settings.write_timeout):  # no task per write, unlike wait_for
+                await response.write(chunk)
     except TimeoutError:
         log.warning("closing a stream whose reader stopped reading")
         return False

@@ -20,6 +20,7 @@ from ..protocol.jsonrpc import (
     Message,
     ProtocolError,
     dumps,
+    id_key,
     is_notification,
     is_request,
     validate_message,
@@ -28,6 +29,7 @@ from ..protocol.session import Session
 from ..protocol.versions import supports_batches, supports_priming
 from ..state import IDENTITY, SESSIONS, TRANSPORT
 from .common import (
+    answer_safely,
     find_session,
     http_error,
     jsonrpc_reply,
@@ -138,12 +140,16 @@ class StreamableHTTP:
 
     async def _answer(self, request: web.Request, session: Session, message: Message) -> web.StreamResponse:
         request_id = message["id"]
+        if id_key(request_id) in session.request_streams:
+            # Two answers for one id could not be told apart by the client: refuse the second.
+            return protocol_error(
+                ProtocolError(INVALID_REQUEST, "Invalid Request: that id is already in flight")
+            )
         stream = session.open_request_stream(request_id)
 
         async def run() -> None:
             try:
-                reply = await self.gateway.handle_request(session, message)
-                stream.push(reply)
+                stream.push(await answer_safely(self.gateway, session, message))
             finally:
                 session.end_request_stream(request_id)
 

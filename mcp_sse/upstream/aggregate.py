@@ -186,6 +186,10 @@ class AggregateBackend(Backend):
             self.resource_owner.setdefault(uri, names[0])
         return collisions
 
+    def tool_schema(self, name: str) -> dict[str, Any] | None:
+        target = self.split(name)
+        return self.backends[target[0]].tool_schema(target[1]) if target else None
+
     def notify(self, session: Session, message: Message) -> None:
         for backend in self.backends.values():
             backend.notify(session, message)

@@ -80,6 +80,10 @@ class Backend(ABC):
         """Prepare for a new session before it is answered; a reason to refuse it, or None."""
         return None
 
+    def tool_schema(self, name: str) -> dict[str, Any] | None:
+        """The inputSchema the backend announced for a tool, when known."""
+        return None
+
     def attach(self, session: Session) -> None:  # noqa: B027 - optional hook
         """A session initialized against this backend."""
 
@@ -102,6 +106,7 @@ class StdioBackend(Backend):
         self.max_line = max_line
         self.restarts = 0
         self.tool_count: int | None = None
+        self._schemas: dict[str, dict[str, Any]] = {}
         self.last_error: str | None = None
         self.mux = Multiplexer(spec.name, self._write)
         self._child: ChildProcess | None = None
@@ -173,6 +178,11 @@ class StdioBackend(Backend):
                 # A restarted child may serve different tools; clients should list again.
                 if "tools" in self.capabilities:
                     session.send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+            # The moment its output ends the child can answer nothing more: new requests wait for
+            # the restart instead of being written into a pipe nobody reads.
+            await asyncio.wait({exited, child.output_closed}, return_when=asyncio.FIRST_COMPLETED)
+            self.state = "restarting"
+            self._ready.clear()
             self.last_error = await exited
             log.warning("backend %s: %s", self.name, self.last_error)
         finally:
@@ -208,7 +218,14 @@ class StdioBackend(Backend):
             tools = await self.mux.call(
                 None, {"jsonrpc": "2.0", "id": "tools", "method": "tools/list", "params": {}}, INIT_TIMEOUT
             )
-            self.tool_count = len(tools.get("result", {}).get("tools", []))
+            listed = tools.get("result", {}).get("tools", [])
+            self.tool_count = len(listed)
+            # Known from the start, so arguments are checked before any client listed the tools.
+            self._schemas = {
+                str(t.get("name")): t["inputSchema"]
+                for t in listed
+                if isinstance(t, dict) and isinstance(t.get("inputSchema"), dict)
+            }
 
     async def stop(self) -> None:
         self._stopping = True
@@ -243,6 +260,9 @@ class StdioBackend(Backend):
     async def unsubscribe(self, session: Session, message: Message) -> Message:
         self.mux.unsubscribe(session, str((message.get("params") or {}).get("uri")))
         return {"jsonrpc": "2.0", "id": message["id"], "result": {}}
+
+    def tool_schema(self, name: str) -> dict[str, Any] | None:
+        return self._schemas.get(name)
 
     def attach(self, session: Session) -> None:
         self.mux.attach(session)

@@ -51,6 +51,11 @@ class ChildProcess:
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
+    def output_closed(self) -> asyncio.Task[None]:
+        """Done when the child's stdout has ended."""
+        return self._tasks[0]
+
+    @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 

@@ -97,6 +97,9 @@ class PerSessionBackend(Backend):
             )
         return await child.request(session, message)
 
+    def tool_schema(self, name: str) -> dict[str, Any] | None:
+        return next((child.tool_schema(name) for _, child in self.children.values()), None)
+
     def notify(self, session: Session, message: Message) -> None:
         if child := self._child(session):
             child.notify(session, message)

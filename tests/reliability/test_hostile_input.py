@@ -111,13 +111,6 @@ async def fire_at_fresh_targets(
     return verdicts.problems, targets, http
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a JSON string with a lone UTF-16 surrogate (\\ud800) passes parse_body, then cannot be "
-    "encoded as UTF-8: an id gets a 500 on Streamable HTTP and kills the legacy stream (and its session) "
-    "when the answer is written; in a method or tool arguments the write to the child raises, so the call "
-    "is never answered (a 200 SSE stream that ends empty)",
-)
 async def test_lone_surrogates_get_an_error_and_the_session_survives(
     start_gateway: StartGateway, tmp_path: Path
 ) -> None:
@@ -130,12 +123,6 @@ async def test_lone_surrogates_get_an_error_and_the_session_survives(
         await http.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_body accepts NaN, Infinity, -Infinity and overflowing numbers (1e999), which are "
-    "not JSON (RFC 8259): they are answered or forwarded to the child as invalid JSON instead of the "
-    "400/-32700 the README promises for bad JSON",
-)
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
 async def test_non_json_numbers_are_a_parse_error(start_gateway: StartGateway, literal: str) -> None:
     gw = await start_gateway({"test": SDK_SERVER})
@@ -175,12 +162,6 @@ async def test_body_that_does_not_decode_is_a_400(
     assert not [r for r in caplog.records if r.name.startswith("mcp_sse")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: tool arguments are checked against the inputSchema only once some session of the route "
-    "has listed the tools (Gateway._schemas is filled from client tools/list replies); a client that "
-    "calls tools/call straight away skips the check the README promises",
-)
 async def test_tool_arguments_are_checked_without_a_prior_tools_list(start_gateway: StartGateway) -> None:
     gw = await start_gateway({"test": SDK_SERVER})
     assert await wait_until(lambda: gw.app[BACKENDS]["test"].state == "running", 15)
@@ -235,12 +216,6 @@ async def test_malformed_http_neither_echoes_nor_logs_the_token(tmp_path: Path) 
         assert "Traceback" not in gw.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: two requests in flight with the same id in one Streamable HTTP session: the second replaces "
-    "the first in Session.request_streams, the second's end_request_stream() then finishes the wrong stream, "
-    "and the first POST's SSE response never ends (a handler and a stream leaked until the session closes)",
-)
 async def test_duplicate_request_id_in_flight_is_answered_and_leaks_nothing(
     start_gateway: StartGateway,
 ) -> None:
