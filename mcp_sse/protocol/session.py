@@ -91,7 +91,10 @@ class EventStream:
         while self.reader is owner:
             if self._events and self._events[0][0] > after + 1:
                 raise StreamOverrun(f"stream {self.number} lost events after {after}")
-            pending = [event for event in self._events if event[0] > after]
+            # Sequence numbers are consecutive and the newest is last: what is new is the tail, read
+            # from the right end (O(new events), not O(buffer) as a scan of the whole deque is).
+            new = min(self._seq - after, len(self._events))
+            pending = [self._events[i] for i in range(-new, 0)]
             for seq, data in pending:
                 yield seq, data
                 after = self.delivered = max(self.delivered, seq)
@@ -100,7 +103,8 @@ class EventStream:
             if not pending:
                 self._changed.clear()
                 try:
-                    await asyncio.wait_for(self._changed.wait(), idle)
+                    async with asyncio.timeout(idle):
+                        await self._changed.wait()
                 except TimeoutError:
                     yield None
 

@@ -9,6 +9,7 @@ names that look like secrets are redacted wherever they appear.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -60,6 +61,7 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=4096)
 def _secret_name(name: str) -> bool:
     return bool(_SECRET_NAME.search(name)) and not _SAFE_SUFFIX.search(name)
 

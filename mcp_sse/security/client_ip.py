@@ -11,6 +11,7 @@ The peer comes from the transport, not `request.remote`, which other code may ha
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 from collections.abc import Sequence
@@ -92,8 +93,13 @@ def _peer(request: web.Request) -> IPAddress | None:
     peername = transport.get_extra_info("peername") if transport is not None else None
     if not isinstance(peername, tuple | list) or not peername:
         return None  # connection already gone, or a UNIX socket
+    return _parse_peer(str(peername[0]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_peer(host: str) -> IPAddress | None:
     try:
-        return normalise(ipaddress.ip_address(str(peername[0]).split("%", 1)[0]))
+        return normalise(ipaddress.ip_address(host.split("%", 1)[0]))
     except ValueError:
         return None
 

@@ -9,6 +9,7 @@ single addresses would give them 2**64 budgets.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import math
@@ -43,6 +44,7 @@ MAX_KEYS: Final = 100_000
 TOO_MANY: Final = "Too many requests, retry later"
 
 
+@functools.lru_cache(maxsize=4096)
 def address_key(ip: IPAddress | str) -> str:
     """The unit a client is counted in: an IPv4 address, or an IPv6 /64."""
     try:
