@@ -231,6 +231,7 @@ async def serve(settings: Settings, env_file: Path | None = None) -> None:
         access_log=None,
         handler_cancellation=True,
         keepalive_timeout=settings.header_timeout,  # also bounds a connection that never finishes its headers
+        lingering_time=2.0,  # after an early answer (413, 408), read what is left of the body only this long
     )
     watchdog = None
     try:

@@ -411,13 +411,6 @@ async def test_slowloris_headers_are_cut_off(tmp_path: Path) -> None:
             writer.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: no timeout for a request's body: a POST that declares 100 bytes and sends 1 holds its "
-    "handler (and the connection) forever in read_message; fix: a REQUEST_BODY_TIMEOUT_SECONDS setting "
-    "(default 30) "
-    "bounding `await request.read()` in transport/common.py:read_message, answered with 408",
-)
 async def test_slow_request_body_gets_408(tmp_path: Path) -> None:
     env = {"REQUEST_BODY_TIMEOUT_SECONDS": "2"}
     async with gateway_process(tmp_path, {"f": fault_server()}, env=env) as gw:
