@@ -145,6 +145,7 @@ def create_app(
         keepalive=settings.keepalive,
         max_body=settings.max_body,
         write_timeout=settings.write_timeout,
+        shutdown_grace=settings.shutdown_grace,
         body_timeout=settings.body_timeout,
     )
     app[TASKS] = set()
@@ -269,10 +270,16 @@ async def _close_audit(app: web.Application) -> None:
 
 
 async def _close_streams(app: web.Application) -> None:
-    # Ending every session finishes its streams, so open SSE handlers return and shutdown can proceed.
-    app[SESSIONS].close_all()
-    pending = app[TASKS].copy()
-    if pending:
-        _, still = await asyncio.wait(pending, timeout=5.0)
+    """Drain on SIGTERM: calls in flight may finish within the grace period; what cannot is
+    failed explicitly and its error delivered; only then do the sessions and streams close."""
+    grace = app[TRANSPORT].shutdown_grace
+    if pending := app[TASKS].copy():
+        await asyncio.wait(pending, timeout=max(0.0, grace - 1.0))
+    for backend in app[BACKENDS].values():
+        backend.abort("the gateway is shutting down; the request was not completed")
+    if pending := app[TASKS].copy():
+        _, still = await asyncio.wait(pending, timeout=0.5)
         for task in still:
             task.cancel()
+    # Ending every session finishes its streams: each delivers what it holds, then its handler returns.
+    app[SESSIONS].close_all()

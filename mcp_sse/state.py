@@ -42,6 +42,7 @@ class TransportSettings:
     keepalive: float
     max_body: int
     write_timeout: float
+    shutdown_grace: float
     body_timeout: float
 
 

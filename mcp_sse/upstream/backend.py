@@ -84,6 +84,9 @@ class Backend(ABC):
         """The inputSchema the backend announced for a tool, when known."""
         return None
 
+    def abort(self, reason: str) -> None:  # noqa: B027 - optional hook
+        """Fail every request in flight now, with `reason` (shutdown)."""
+
     def attach(self, session: Session) -> None:  # noqa: B027 - optional hook
         """A session initialized against this backend."""
 
@@ -263,6 +266,9 @@ class StdioBackend(Backend):
 
     def tool_schema(self, name: str) -> dict[str, Any] | None:
         return self._schemas.get(name)
+
+    def abort(self, reason: str) -> None:
+        self.mux.fail_all(reason)
 
     def attach(self, session: Session) -> None:
         self.mux.attach(session)

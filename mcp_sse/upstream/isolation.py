@@ -97,6 +97,10 @@ class PerSessionBackend(Backend):
             )
         return await child.request(session, message)
 
+    def abort(self, reason: str) -> None:
+        for _, child in self.children.values():
+            child.abort(reason)
+
     def tool_schema(self, name: str) -> dict[str, Any] | None:
         return next((child.tool_schema(name) for _, child in self.children.values()), None)
 

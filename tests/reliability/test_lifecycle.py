@@ -94,13 +94,6 @@ async def test_sigterm_closes_streams_kills_every_group_and_exits_0(tmp_path: Pa
     assert "Traceback" not in gw.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SIGTERM does not drain: _close_streams (on_shutdown) closes every session at once, so "
-    "a call that would finish within SHUTDOWN_GRACE_SECONDS is cancelled in the child, and its error is "
-    "pushed to streams that are already finished: a Streamable HTTP POST gets a 200 SSE stream that ends "
-    "with no answer, a legacy call's error is dropped with its stream",
-)
 async def test_sigterm_lets_in_flight_calls_finish_or_fail_explicitly(tmp_path: Path) -> None:
     env = {"SHUTDOWN_GRACE_SECONDS": str(GRACE)}
     async with (
