@@ -94,6 +94,20 @@ async def mcp_client(
         yield client
 
 
+def init_message(version: str = "2025-11-25", request_id: str | int = 1) -> dict[str, Any]:
+    """A raw initialize request, for tests that speak the wire by hand."""
+    return {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": version,
+            "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "0"},
+        },
+    }
+
+
 def text_of(result: Any) -> str:
     """The text of a CallToolResult's first content block."""
     return str(result.content[0].text)

@@ -19,19 +19,10 @@ from mcp import MCPError
 from mcp_sse.app import reload_keys
 from mcp_sse.security.keys import generate_key
 from mcp_sse.state import SESSIONS
-from tests.conftest import SDK_SERVER, Running, StartGateway, mcp_client, next_event, text_of
+from tests.conftest import SDK_SERVER, Running, StartGateway, init_message, mcp_client, next_event, text_of
 
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "t", "version": "0"},
-    },
-}
+INIT = init_message()
 
 
 def write_keys(path: Path, *entries: dict[str, Any]) -> None:

@@ -9,22 +9,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import SDK_SERVER, Running, StartGateway, next_event, next_message
+from tests.conftest import SDK_SERVER, Running, StartGateway, init_message, next_event, next_message
 
 ACCEPT = {"Accept": "application/json, text/event-stream"}
-
-
-def init_message(version: str = "2025-11-25", request_id: int = 1) -> dict[str, Any]:
-    return {
-        "jsonrpc": "2.0",
-        "id": request_id,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": version,
-            "capabilities": {},
-            "clientInfo": {"name": "raw", "version": "0"},
-        },
-    }
 
 
 class Raw:

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from mcp_sse.upstream.config import ConfigError, load_servers
-from tests.conftest import SDK_SERVER, StartGateway, mcp_client, text_of
+from tests.conftest import SDK_SERVER, StartGateway, init_message, mcp_client, text_of
 
 PER_SESSION = {**SDK_SERVER, "isolation": "per-session"}
 
@@ -85,16 +85,7 @@ async def test_headers_reach_only_their_own_child(start_gateway: StartGateway) -
 async def test_idle_sessions_are_reaped(start_gateway: StartGateway) -> None:
     gw = await start_gateway({"iso": {**PER_SESSION, "idle_timeout": 0.5}})
     async with aiohttp.ClientSession() as http:
-        init = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "t", "version": "0"},
-            },
-        }
+        init = init_message()
         headers = {**gw.headers, "Accept": "application/json, text/event-stream"}
         response = await http.post(gw.url + "/mcp", json=init, headers=headers)
         assert response.status == 200
