@@ -6,7 +6,6 @@ from typing import Final
 
 __all__ = [
     "ALL_VERSIONS",
-    "DEFAULT_HEADER_VERSION",
     "HANDSHAKE_VERSIONS",
     "LATEST_HANDSHAKE",
     "MODERN_VERSIONS",
@@ -25,8 +24,6 @@ MODERN_VERSIONS: Final = ("2026-07-28",)
 
 ALL_VERSIONS: Final = HANDSHAKE_VERSIONS + MODERN_VERSIONS
 
-DEFAULT_HEADER_VERSION: Final = "2025-03-26"
-"""What a Streamable HTTP request without `MCP-Protocol-Version` is taken to speak (spec 2025-06-18+)."""
 
 
 def negotiate(requested: object) -> str:
