@@ -25,7 +25,6 @@ MODERN_VERSIONS: Final = ("2026-07-28",)
 ALL_VERSIONS: Final = HANDSHAKE_VERSIONS + MODERN_VERSIONS
 
 
-
 def negotiate(requested: object) -> str:
     """The version to answer `initialize` with: the client's own if we speak it, else our latest."""
     if isinstance(requested, str) and requested in HANDSHAKE_VERSIONS:
