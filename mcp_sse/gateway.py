@@ -26,7 +26,7 @@ from .protocol.jsonrpc import (
     error_response,
     result_response,
 )
-from .protocol.session import Session
+from .protocol.session import LOG_LEVELS, Session
 from .protocol.versions import ALL_VERSIONS, negotiate
 from .upstream.backend import READY_WAIT, Backend
 
@@ -75,9 +75,6 @@ class Auditor(Protocol):
     def event(self, name: str, request: Any = None, **fields: Any) -> None: ...
 
 
-_LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
-
-
 class Gateway:
     def __init__(
         self,
@@ -108,8 +105,8 @@ class Gateway:
             return error_response(request_id, INVALID_REQUEST, "Invalid Request: send initialize first")
         if method == "logging/setLevel":
             level = (message.get("params") or {}).get("level")
-            if level not in _LOG_LEVELS:
-                return error_response(request_id, INVALID_PARAMS, f"level must be one of {list(_LOG_LEVELS)}")
+            if level not in LOG_LEVELS:
+                return error_response(request_id, INVALID_PARAMS, f"level must be one of {list(LOG_LEVELS)}")
             session.log_level = level
             return result_response(request_id, {})
         if self.policy is not None and (refusal := self.policy.check(session, message)) is not None:

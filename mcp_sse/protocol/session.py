@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ..gateway import Gateway
 
 __all__ = [
+    "LOG_LEVELS",
     "EventStream",
     "Session",
     "SessionStore",
@@ -36,6 +37,8 @@ __all__ = [
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{16,128}")
 _EVENT_ID = re.compile(r"(\d{1,9})-(\d{1,18})")
 FINISHED_STREAMS_KEPT: Final = 16
+LOG_LEVELS: Final = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+"""MCP log levels (RFC 5424 severities), least severe first."""
 
 
 def forwardable_headers(headers: Mapping[str, str]) -> dict[str, str]:

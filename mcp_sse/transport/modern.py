@@ -87,6 +87,12 @@ def _header_value(raw: str | None) -> str | None:
         return None
 
 
+def unsupported(request_id: str | int | None, version: str) -> Message:
+    """-32022 with every version we speak, so the client can pick one."""
+    data = {"supported": list(ALL_VERSIONS), "requested": version[:40]}
+    return error_response(request_id, UNSUPPORTED_VERSION, "Unsupported protocol version", data)
+
+
 def reply(message: Message) -> web.Response:
     error = message.get("error")
     code = error.get("code") if isinstance(error, dict) else None
@@ -139,12 +145,7 @@ class ModernHTTP:
                 request_id, HEADER_MISMATCH, f"Mcp-Name header does not match params.{name_key}"
             )
         if meta[VERSION_META] not in MODERN_VERSIONS:
-            return error_response(
-                request_id,
-                UNSUPPORTED_VERSION,
-                "Unsupported protocol version",
-                {"supported": list(ALL_VERSIONS), "requested": str(meta[VERSION_META])[:40]},
-            )
+            return unsupported(request_id, str(meta[VERSION_META]))
         return None
 
     def _session(self, request: web.Request, message: Message) -> Session:
@@ -170,9 +171,7 @@ class ModernHTTP:
         if version not in MODERN_VERSIONS:
             # A version nobody speaks: say which ones we do, so the client can pick one.
             request_id = body.get("id") if isinstance(body, dict) else None
-            return reply(
-                self._unsupported(request_id if isinstance(request_id, str | int) else None, version)
-            )
+            return reply(unsupported(request_id if isinstance(request_id, str | int) else None, version))
         if isinstance(body, dict) and "method" in body and "id" not in body:
             # 2026-07-28 defines no client notifications over HTTP (closing a stream is the
             # cancellation); they are acknowledged and dropped, as the revision allows.
@@ -188,14 +187,6 @@ class ModernHTTP:
         if message["method"] == "subscriptions/listen":
             return await self._listen(request, message)
         return await self._answer(request, message)
-
-    def _unsupported(self, request_id: str | int | None, version: str) -> Message:
-        return error_response(
-            request_id,
-            UNSUPPORTED_VERSION,
-            "Unsupported protocol version",
-            {"supported": list(ALL_VERSIONS), "requested": version[:40]},
-        )
 
     def _expire(self) -> None:
         now = time.monotonic()

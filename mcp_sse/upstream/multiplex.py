@@ -27,7 +27,7 @@ from ..protocol.jsonrpc import (
     id_key,
     result_response,
 )
-from ..protocol.session import Session
+from ..protocol.session import LOG_LEVELS, Session
 
 __all__ = ["REQUEST_CANCELLED", "REQUEST_TIMEOUT", "Multiplexer"]
 
@@ -40,7 +40,6 @@ _CAPABILITY_FOR: Final = {
     "elicitation/create": "elicitation",
     "roots/list": "roots",
 }
-_LOG_LEVELS: Final = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 
 
 @dataclass(eq=False)
@@ -304,6 +303,6 @@ class Multiplexer:
 
 
 def _level_enabled(session: Session, level: object) -> bool:
-    if session.log_level is None or level not in _LOG_LEVELS:
+    if session.log_level is None or level not in LOG_LEVELS:
         return True
-    return _LOG_LEVELS.index(str(level)) >= _LOG_LEVELS.index(session.log_level)
+    return LOG_LEVELS.index(str(level)) >= LOG_LEVELS.index(session.log_level)
