@@ -58,7 +58,15 @@ async def read_message(request: web.Request) -> Any:
             slow.force_close()  # else aiohttp lingers, reading the rest of a body that never comes
             raise slow from None
         except RequestPayloadError:  # a body that does not decode under its Content-Encoding
-            raise http_error(web.HTTPBadRequest, "request body cannot be decoded") from None
+            # aiohttp's parser stopped at the bad bytes: the rest of this body, and anything sent
+            # after it on the connection, will never be parsed. Left as it is, aiohttp "lingers"
+            # after our answer to drain the body, re-raises this error from there and logs it as
+            # an unhandled exception, then drops a connection the client was told to keep alive
+            # (its next request on it fails). So: mark the body finished, and close the connection.
+            request.content.feed_eof()
+            bad = http_error(web.HTTPBadRequest, "request body cannot be decoded")
+            bad.force_close()
+            raise bad from None
         else:
             return parse_body(body)
     raise web.HTTPRequestEntityTooLarge(

@@ -15,7 +15,7 @@ from .. import __version__
 from ..protocol.jsonrpc import INTERNAL_ERROR, Message, error_response
 from ..protocol.session import Session
 from ..protocol.versions import LATEST_HANDSHAKE
-from .child import ChildProcess
+from .child import STOP_GRACE, ChildProcess
 from .config import ServerSpec
 from .multiplex import Multiplexer
 
@@ -31,6 +31,10 @@ CRASH_LOOP_COUNT: Final = 5
 STABLE_AFTER: Final = 30.0
 READY_WAIT: Final = 30.0
 """How long a caller waits for a starting or restarting backend; not the per-request timeout."""
+PING_TIMEOUT: Final = 3.0
+"""After a request timed out: how long the child has to answer a ping before it counts as wedged."""
+WEDGED_GRACE: Final = 1.0
+"""A wedged child reads nothing, so closing its stdin is no way to stop it: SIGTERM soon, then SIGKILL."""
 
 
 class Backend(ABC):
@@ -111,7 +115,8 @@ class StdioBackend(Backend):
         self.tool_count: int | None = None
         self._schemas: dict[str, dict[str, Any]] = {}
         self.last_error: str | None = None
-        self.mux = Multiplexer(spec.name, self._write)
+        self._timed_out = asyncio.Event()
+        self.mux = Multiplexer(spec.name, self._write, on_timeout=self._timed_out.set)
         self._child: ChildProcess | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
@@ -170,6 +175,8 @@ class StdioBackend(Backend):
         log.info("backend %s: started pid %s", self.name, child.pid)
         exited = asyncio.create_task(child.wait())
         handshake = asyncio.create_task(self._initialize())
+        wedged: asyncio.Task[str] | None = None
+        grace = STOP_GRACE
         try:
             done, _ = await asyncio.wait({handshake, exited}, return_when=asyncio.FIRST_COMPLETED)
             if handshake not in done:
@@ -181,12 +188,19 @@ class StdioBackend(Backend):
                 # A restarted child may serve different tools; clients should list again.
                 if "tools" in self.capabilities:
                     session.send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+            self._timed_out.clear()
+            wedged = asyncio.create_task(self._watch_for_wedge())
             # The moment its output ends the child can answer nothing more: new requests wait for
-            # the restart instead of being written into a pipe nobody reads.
-            await asyncio.wait({exited, child.output_closed}, return_when=asyncio.FIRST_COMPLETED)
+            # the restart instead of being written into a pipe nobody reads. A child that is alive
+            # but answers nothing at all is no better, and is restarted the same way.
+            await asyncio.wait({exited, child.output_closed, wedged}, return_when=asyncio.FIRST_COMPLETED)
             self.state = "restarting"
             self._ready.clear()
-            self.last_error = await exited
+            if wedged.done() and not exited.done():
+                self.last_error = wedged.result()
+                grace = WEDGED_GRACE
+            else:
+                self.last_error = await exited
             log.warning("backend %s: %s", self.name, self.last_error)
         finally:
             self.state = "stopped" if self._stopping else "restarting"
@@ -194,11 +208,25 @@ class StdioBackend(Backend):
             self.mux.fail_all(
                 f"backend {self.name!r} stopped ({self.last_error}); the request was not completed"
             )
-            for task in (handshake, exited):
+            tasks = [t for t in (handshake, exited, wedged) if t is not None]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(handshake, exited, return_exceptions=True)
-            await child.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await child.stop(grace)
             self._child = None
+
+    async def _watch_for_wedge(self) -> str:
+        """Return (why) once the child looks wedged: a request timed out, and then a ping did too.
+
+        A timeout alone proves nothing (one slow tool call, one lost answer): a child that still
+        answers a ping keeps running. One that answers nothing, or no longer reads its input, is
+        alive but useless, and only a restart brings the backend back.
+        """
+        while True:
+            await self._timed_out.wait()
+            self._timed_out.clear()
+            if not await self.mux.ping(PING_TIMEOUT):
+                return f"wedged: a request timed out and a ping got no answer within {PING_TIMEOUT:g} s"
 
     async def _initialize(self) -> None:
         params = {
@@ -252,13 +280,9 @@ class StdioBackend(Backend):
         return self.mux.client_response(session, message)
 
     async def subscribe(self, session: Session, message: Message) -> Message:
-        uri = str((message.get("params") or {}).get("uri"))
-        if not self.mux.subscribe(session, uri):
-            return {"jsonrpc": "2.0", "id": message["id"], "result": {}}
-        reply = await self.request(session, message)
-        if "error" in reply:
-            self.mux.unsubscribe(session, uri)
-        return reply
+        if self.state != "running" and not await self.wait_ready(READY_WAIT):
+            return error_response(message["id"], INTERNAL_ERROR, f"backend {self.name!r} is {self.state}")
+        return await self.mux.subscribe(session, message, self.timeout)
 
     async def unsubscribe(self, session: Session, message: Message) -> Message:
         self.mux.unsubscribe(session, str((message.get("params") or {}).get("uri")))

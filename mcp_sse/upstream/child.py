@@ -2,7 +2,8 @@
 
 The child runs in a new session (so a new process group) because a server started
 through a shell or `npx` forks further; killing only the direct child leaves the rest
-running, which is how peer gateways end up with thousands of orphans.
+running, which is how peer gateways end up with thousands of orphans. The group is also
+handed to the guard (guard.py), which kills it should the gateway die without doing so.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..protocol.jsonrpc import Message, dumps
+from . import guard
 
 __all__ = ["ChildProcess"]
 
 log = logging.getLogger("mcp_sse.upstream")
 STDOUT_GRACE = 1.0
+STOP_GRACE = 5.0
+"""How long `stop()` gives a child to exit on stdin EOF, then on SIGTERM, before SIGKILL."""
 _LEADING_ID = re.compile(rb'^\s*\{\s*"jsonrpc"\s*:\s*"2\.0"\s*,\s*"id"\s*:\s*(-?\d{1,18}|"[^"\\]{0,256}")')
 
 
@@ -71,6 +75,7 @@ class ChildProcess:
             start_new_session=True,
             limit=self.max_line,
         )
+        guard.watch(self.process.pid)  # its pid is its process group id (start_new_session)
         assert self.process.stdout and self.process.stderr  # set by PIPE above
         self._tasks = [
             asyncio.create_task(self._read_stdout(self.process.stdout)),
@@ -178,7 +183,7 @@ class ChildProcess:
                 return
             child_log.info("%s", line.decode("utf-8", "replace").rstrip())
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float = STOP_GRACE) -> None:
         """Close stdin (the polite stop for stdio servers), then SIGTERM, then SIGKILL the group."""
         process = self.process
         if process is None:
@@ -195,6 +200,7 @@ class ChildProcess:
                 continue
         # The leader may be gone while its children live on in the group: clean them too.
         self.kill_group(signal.SIGKILL)
+        guard.forget(process.pid)
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def kill_group(self, sig: int) -> None:

@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ..protocol.jsonrpc import (
@@ -50,16 +50,28 @@ class _Pending:
     progress: tuple[str, str | int] | None = None  # (our token, the client's token)
 
 
+@dataclass(eq=False)
+class _Subscribing:
+    """An upstream resources/subscribe in flight, and the sessions waiting on its outcome."""
+
+    task: asyncio.Task[Message]
+    waiting: set[Session] = field(default_factory=set)
+
+
 class Multiplexer:
-    def __init__(self, name: str, write: Callable[[Message], None]) -> None:
+    def __init__(
+        self, name: str, write: Callable[[Message], None], *, on_timeout: Callable[[], None] = lambda: None
+    ) -> None:
         self.name = name
         self._write = write
+        self._on_timeout = on_timeout  # a request went unanswered: the backend may check the child
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._by_client: dict[tuple[str, tuple[bool, str | int]], int] = {}
         self._progress: dict[str, _Pending] = {}
         self._server_requests: dict[str, tuple[Session, str | int]] = {}
-        self._subscriptions: dict[str, set[Session]] = {}
+        self._subscriptions: dict[str, set[Session]] = {}  # accepted upstream, per URI
+        self._subscribing: dict[str, _Subscribing] = {}  # upstream subscribe in flight, per URI
         self.sessions: dict[str, Session] = {}
 
     # -- client to backend -------------------------------------------------------------------
@@ -91,6 +103,7 @@ class Multiplexer:
             raise
         except TimeoutError:
             self._cancel_upstream(upstream_id, "timed out in the gateway")
+            self._on_timeout()
             return error_response(
                 client_id, REQUEST_TIMEOUT, f"backend {self.name!r} did not answer within {timeout:g} s"
             )
@@ -98,6 +111,21 @@ class Multiplexer:
             return error_response(client_id, INTERNAL_ERROR, str(exc))
         finally:
             self._forget(upstream_id)
+
+    async def ping(self, timeout: float) -> bool:  # noqa: ASYNC109 - a bound, not a cancel scope
+        """Whether the backend answers a ping within `timeout`. Any answer, even an error, shows
+        it still reads and writes; a ping that cannot even be written counts as no answer."""
+        upstream_id = next(self._ids)
+        pending = _Pending(None, "ping", asyncio.get_running_loop().create_future())
+        self._pending[upstream_id] = pending
+        try:
+            self._write({"jsonrpc": "2.0", "id": upstream_id, "method": "ping"})
+            await asyncio.wait_for(asyncio.shield(pending.future), timeout)
+        except (TimeoutError, ConnectionError):
+            return False
+        finally:
+            self._forget(upstream_id)
+        return True
 
     def _forget(self, upstream_id: int) -> None:
         pending = self._pending.pop(upstream_id, None)
@@ -166,6 +194,8 @@ class Multiplexer:
                 self._write_quietly(error_response(child_id, INTERNAL_ERROR, "client session ended"))
         for uri in [u for u, subs in self._subscriptions.items() if session in subs]:
             self.unsubscribe(session, uri)
+        for flight in self._subscribing.values():
+            flight.waiting.discard(session)
 
     def fail_all(self, reason: str) -> None:
         """The backend went away: every request in flight gets an error now, not a timeout later."""
@@ -189,28 +219,72 @@ class Multiplexer:
 
     # -- subscriptions: one upstream subscription per URI, however many sessions want it ----
 
-    def subscribe(self, session: Session, uri: str) -> bool:
-        """Record a subscription; True when it is the first for `uri` and must go upstream."""
-        subscribers = self._subscriptions.setdefault(uri, set())
-        first = not subscribers
-        subscribers.add(session)
-        return first
+    async def subscribe(self, session: Session, message: Message, timeout: float) -> Message:  # noqa: ASYNC109
+        """resources/subscribe for `session`, sharing one upstream subscription per URI.
+
+        A session counts as subscribed only once the backend has accepted: while the first
+        request for a URI is in flight, later subscribers wait for its outcome, and a refusal
+        reaches each of them and is not remembered, so the next subscribe asks the backend again.
+        """
+        params = message.get("params") or {}
+        uri = str(params.get("uri"))
+        if (subscribers := self._subscriptions.get(uri)) is not None:
+            subscribers.add(session)
+            return result_response(message["id"], {})
+        flight = self._subscribing.get(uri)
+        if flight is None:
+            # The gateway's own request, not the first caller's: it must not fail for the others if
+            # that caller's session ends or cancels while it is in flight.
+            upstream = {k: v for k, v in params.items() if k != "_meta"}
+            request = {
+                "jsonrpc": "2.0",
+                "id": "subscribe",
+                "method": "resources/subscribe",
+                "params": upstream,
+            }
+            flight = _Subscribing(asyncio.create_task(self._subscribe_upstream(uri, request, timeout)))
+            self._subscribing[uri] = flight
+        flight.waiting.add(session)
+        try:
+            reply = await asyncio.shield(flight.task)
+        except asyncio.CancelledError:
+            flight.waiting.discard(session)  # its client is gone: not subscribed
+            raise
+        return {**reply, "id": message["id"]}
+
+    async def _subscribe_upstream(self, uri: str, request: Message, timeout: float) -> Message:  # noqa: ASYNC109
+        try:
+            reply = await self.call(None, request, timeout)
+        finally:
+            flight = self._subscribing.pop(uri)
+        if "error" in reply:
+            return reply
+        if flight.waiting:
+            self._subscriptions.setdefault(uri, set()).update(flight.waiting)
+        else:  # every session that asked has ended or unsubscribed meanwhile
+            self._unsubscribe_upstream(uri)
+        return reply
 
     def unsubscribe(self, session: Session, uri: str) -> None:
+        if (flight := self._subscribing.get(uri)) is not None:
+            flight.waiting.discard(session)
         subscribers = self._subscriptions.get(uri)
         if not subscribers or session not in subscribers:
             return
         subscribers.discard(session)
         if not subscribers:
             del self._subscriptions[uri]
-            self._write_quietly(
-                {
-                    "jsonrpc": "2.0",
-                    "id": f"unsubscribe-{next(self._ids)}",
-                    "method": "resources/unsubscribe",
-                    "params": {"uri": uri},
-                }
-            )
+            self._unsubscribe_upstream(uri)
+
+    def _unsubscribe_upstream(self, uri: str) -> None:
+        self._write_quietly(
+            {
+                "jsonrpc": "2.0",
+                "id": f"unsubscribe-{next(self._ids)}",
+                "method": "resources/unsubscribe",
+                "params": {"uri": uri},
+            }
+        )
 
     # -- backend to clients ------------------------------------------------------------------
 

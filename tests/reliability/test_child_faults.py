@@ -256,14 +256,6 @@ async def test_child_that_stops_reading_refuses_requests_with_bounded_memory(
         assert grown < 32
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (issue: 'the child is restarted or marked failed, /mcp/servers tells the truth'): a wedged "
-    "child, alive but answering nothing, is never restarted: every call times out forever while "
-    "/mcp/servers shows it 'running' with last_error null; fix: on a request timeout, ping the child "
-    "(StdioBackend, a few seconds); no answer to the ping either means wedged: record it in last_error and "
-    "restart it (kill the group, fail what is in flight), while a child that answers the ping keeps running",
-)
 async def test_wedged_child_is_restarted_and_reported(
     start_gateway: StartGateway, fast_backoff: None
 ) -> None:

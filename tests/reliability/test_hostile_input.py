@@ -97,7 +97,7 @@ async def test_hostile_corpus_against_both_transports(
     assert elapsed < 30
 
 
-# -- inputs that show a bug today -------------------------------------------------------------------
+# -- inputs that once showed a bug -----------------------------------------------------------------
 
 
 async def fire_at_fresh_targets(
@@ -133,12 +133,6 @@ async def test_non_json_numbers_are_a_parse_error(start_gateway: StartGateway, l
         assert status == 400 and messages[0]["error"]["code"] == -32700, (status, messages)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a body that does not decode under its Content-Encoding (gzip, deflate) makes "
-    "request.read() raise aiohttp's ContentEncodingError, which read_message does not catch: a 500 and "
-    "an 'unhandled error' traceback in the log for each such request, instead of a 400",
-)
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 async def test_body_that_does_not_decode_is_a_400(
     start_gateway: StartGateway, caplog: pytest.LogCaptureFixture, encoding: str
@@ -172,12 +166,6 @@ async def test_tool_arguments_are_checked_without_a_prior_tools_list(start_gatew
     assert "text" in reply["error"]["message"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: resources/subscribe is deduplicated per URI before the backend has accepted it: a second "
-    "session subscribing while the first is in flight gets {} at once, and when the backend refuses the "
-    "first, the second stays recorded, so every later subscribe to that URI also 'succeeds'",
-)
 async def test_refused_subscription_is_never_reported_as_success(start_gateway: StartGateway) -> None:
     gw = await start_gateway({"test": SDK_SERVER})  # it does not support resources/subscribe
     async with aiohttp.ClientSession() as http:
@@ -192,13 +180,6 @@ async def test_refused_subscription_is_never_reported_as_success(start_gateway: 
     assert all("error" in reply for reply in replies), replies
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: aiohttp answers a request it cannot parse with a 400 whose body quotes the raw request "
-    "bytes, Authorization header included, and logs the same bytes with a traceback at ERROR "
-    "(aiohttp.server 'Error handling request'): the caller's token lands in the gateway's log, and any "
-    "client can fill the log with tracebacks",
-)
 async def test_malformed_http_neither_echoes_nor_logs_the_token(tmp_path: Path) -> None:
     async with gateway_process(tmp_path, {"test": SDK_SERVER}) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)

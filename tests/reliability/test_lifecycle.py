@@ -2,8 +2,9 @@
 
 SIGTERM must drain: in-flight calls finish or fail explicitly within SHUTDOWN_GRACE_SECONDS,
 streams close, every child's process group is killed and the exit code is 0. SIGKILL cannot
-be handled, so the children must notice on their own (stdin EOF) and leave no orphan. A
-restart comes back with exactly the configuration it had.
+be handled: the children notice on their own (stdin EOF), and the gateway's guard process
+kills what they forked (mcp_sse/upstream/guard.py), so no orphan is left. A restart comes back
+with exactly the configuration it had.
 """
 
 from __future__ import annotations
@@ -157,13 +158,6 @@ async def test_sigkill_of_the_gateway_leaves_no_orphan_child(tmp_path: Path) -> 
         kill_groups(survivors)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a SIGKILLed gateway leaves the grandchildren of its children running (reparented to init): "
-    "the direct child exits on stdin EOF, but what it forked (npx, shell wrappers) never reads that pipe and "
-    "nothing kills the group when the gateway cannot; under systemd KillMode=mixed the cgroup is cleaned, "
-    "anywhere else the processes leak",
-)
 async def test_sigkill_of_the_gateway_leaves_no_orphan_grandchild(tmp_path: Path) -> None:
     tree, survivors = await sigkill_and_watch(tmp_path, {"f": forking_fault_server()})
     try:
