@@ -262,10 +262,8 @@ async def serve(settings: Settings, env_file: Path | None = None) -> None:
         host, port = runner.addresses[0][:2]
         shown = f"[{host}]" if ":" in host else host
         url = f"{'https' if tls else 'http'}://{shown}:{port}"
-        loop = type(asyncio.get_running_loop())
-        log.info(
-            "mcp-sse %s listening on %s (event loop: %s)", __version__, url, loop.__module__.split(".")[0]
-        )
+        flavour = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
+        log.info("mcp-sse %s listening on %s (event loop: %s)", __version__, url, flavour)
         if settings.token_generated:
             _print_generated_token(settings, url)
         sd_notify.notify("READY=1", f"STATUS=listening on {url}")
