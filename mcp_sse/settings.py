@@ -153,6 +153,8 @@ class Settings:
         default=10.0, metadata={"env": "SHUTDOWN_GRACE_SECONDS", "parse": _positive(float)}
     )
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "parse": str.upper})
+    # auto: uvloop when installed (pip install 'mcp-sse[fast]'), else asyncio's own loop.
+    event_loop: str = field(default="auto", metadata={"env": "EVENT_LOOP", "parse": str.lower})
     tool_separator: str = field(default="__", metadata={"env": "TOOL_SEPARATOR", "parse": str})
     # -- the secure profile -----------------------------------------------------------------
     allowed_ips: tuple[str, ...] = field(
@@ -200,6 +202,8 @@ class Settings:
             raise SettingsError("SSE_KEEPALIVE_SECONDS must be at most 25")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        if self.event_loop not in ("auto", "asyncio", "uvloop"):
+            raise SettingsError("EVENT_LOOP must be auto, asyncio or uvloop")
         if not self.tool_separator or any(c.isspace() for c in self.tool_separator):
             raise SettingsError("TOOL_SEPARATOR must be non-empty and without spaces")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -42,6 +42,7 @@ GATEWAY_VARIABLES = {
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
+    "EVENT_LOOP",
 }
 LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:(\d+))")
 BEARER_LINE = re.compile(r"^\s*Authorization: Bearer (\S+)\s*$")
@@ -277,6 +278,53 @@ async def test_port_zero_argument_is_not_treated_as_unset(env: dict[str, str], o
         assert int(server.url.rsplit(":", 1)[1]) not in (0, occupied_port)
         assert (await get_health(server.url, "t" * 32))[0] == 200
         assert await server.stop() == 0
+
+
+# -- the event loop ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def without_uvloop(tmp_path: Path) -> str:
+    """A PYTHONPATH entry on which `import uvloop` fails, as on a machine without the fast extra."""
+    shim = tmp_path / "shim" / "uvloop"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('uvloop is not installed here')\n")
+    return os.pathsep.join([str(shim.parent), str(REPO)])
+
+
+@pytest.mark.parametrize(
+    ("choice", "uvloop_installed", "runs_on"),
+    [
+        ("auto", True, "uvloop"),
+        ("auto", False, "asyncio"),
+        ("asyncio", True, "asyncio"),
+        ("uvloop", True, "uvloop"),
+    ],
+)
+async def test_event_loop_setting_chooses_the_loop(
+    env: dict[str, str], without_uvloop: str, choice: str, uvloop_installed: bool, runs_on: str
+) -> None:
+    env = {**env, "EVENT_LOOP": choice, "AUTH_TOKEN": "t" * 32}
+    if not uvloop_installed:
+        env["PYTHONPATH"] = without_uvloop
+    async with serve("--host", "127.0.0.1", "--port", "0", "--env-file", os.devnull, env=env) as server:
+        assert f"(event loop: {runs_on})" in server.stderr
+        assert (await get_health(server.url, "t" * 32))[0] == 200
+        assert await server.stop() == 0
+
+
+def test_event_loop_uvloop_without_uvloop_is_refused(env: dict[str, str], without_uvloop: str) -> None:
+    env = {**env, "EVENT_LOOP": "uvloop", "AUTH_TOKEN": "t" * 32, "PYTHONPATH": without_uvloop}
+    done = run(SCRIPT, "--host", "127.0.0.1", "--port", "0", "--env-file", os.devnull, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "mcp-sse[fast]" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_unknown_event_loop_is_refused(env: dict[str, str]) -> None:
+    env = {**env, "EVENT_LOOP": "trio", "AUTH_TOKEN": "t" * 32}
+    done = run(SCRIPT, "--host", "127.0.0.1", "--port", "0", "--env-file", os.devnull, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "EVENT_LOOP must be auto, asyncio or uvloop" in done.stderr
 
 
 def test_sigterm_right_after_bind_is_a_graceful_stop(env: dict[str, str]) -> None:

@@ -138,7 +138,7 @@ def test_install_dry_run_changes_nothing(tmp_path: Path) -> None:
     out = result.stdout
     for line in (
         f"+ {tmp_path}/bin/python3 -m venv /opt/mcp-sse/venv",
-        f"+ /opt/mcp-sse/venv/bin/pip install --quiet {REPO}",
+        f"+ /opt/mcp-sse/venv/bin/pip install --quiet {REPO}\\[fast\\]",  # printf %q
         "+ install -d -m 0750 /etc/mcp-sse",
         f"+ install -m 0600 {env_file} /etc/mcp-sse/mcp-sse.env",
         f"+ install -m 0640 {env_file.parent}/servers.json /etc/mcp-sse/servers.json",
