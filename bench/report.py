@@ -169,7 +169,8 @@ def markdown(data: dict[str, Any]) -> str:
     header = [TITLES.get(n, n) for n in names] + [f"{a} ÷ {b}" for a, b in ratios]
     lines = [
         f"Run {env['date']} on {env['cpus']} CPUs ({env['cpu']}), commit {env['commit']}, "
-        f"Python {env['python']}, node {env['node'] or '—'}, MCP SDK {env['mcp_sdk']}; "
+        f"Python {env['python']}, node {env['node'] or '—'}, MCP SDK {env['mcp_sdk']}, "
+        f"ours on {env.get('event_loop', 'asyncio')}; "
         f"{args['rounds']} interleaved rounds, medians; {env['seconds']} s; "
         f"CPUs busy with other work before/after: {env.get('busy_cpus_before')}/"
         f"{env.get('busy_cpus_after')}.",

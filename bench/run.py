@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from importlib.metadata import version
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +230,8 @@ def _environment(args: argparse.Namespace, gateways: list[Gateway]) -> dict[str,
         "node": output("node", "--version"),
         "mcp_sdk": version("mcp"),
         "aiohttp": version("aiohttp"),
+        # Ours runs with EVENT_LOOP=auto: on uvloop when this interpreter has it (the bench extra does).
+        "event_loop": f"uvloop {version('uvloop')}" if find_spec("uvloop") else "asyncio",
         "mcp_server_time": version("mcp-server-time"),
         "peers": sorted({g.name for g in gateways} - {"ours"}),
         "args": vars(args),
