@@ -650,8 +650,7 @@ def generate(*, max_body: int, seed: int = 20260728) -> list[Case]:
 
 
 def surrogate_cases() -> list[Case]:
-    """Lone UTF-16 surrogates in JSON strings: a known bug today (test_hostile_input.py), kept out of
-    the corpus until fixed."""
+    """Lone UTF-16 surrogates in JSON strings, fired by their own test in test_hostile_input.py."""
     return [
         Case(
             "lone surrogate in the id",
