@@ -184,6 +184,7 @@ class StdioBackend(Backend):
             handshake.result()
             self.state = "running"
             self._ready.set()
+            self.mux.resubscribe(self.timeout)
             for session in list(self.mux.sessions.values()):
                 # A restarted child may serve different tools; clients should list again.
                 if "tools" in self.capabilities:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 from collections.abc import Callable
@@ -264,6 +265,27 @@ class Multiplexer:
         else:  # every session that asked has ended or unsubscribed meanwhile
             self._unsubscribe_upstream(uri)
         return reply
+
+    def resubscribe(self, timeout: float) -> None:
+        """A restarted child knows none of the subscriptions its predecessor accepted: ask it
+        again for each URI, on behalf of the sessions holding it. Until it accepts they count as
+        not subscribed (a subscribe meanwhile joins the request); a refusal ends them, logged."""
+        for uri, sessions in list(self._subscriptions.items()):
+            del self._subscriptions[uri]
+            request = {
+                "jsonrpc": "2.0",
+                "id": "subscribe",
+                "method": "resources/subscribe",
+                "params": {"uri": uri},
+            }
+            task = asyncio.create_task(self._subscribe_upstream(uri, request, timeout))
+            self._subscribing[uri] = _Subscribing(task, set(sessions))
+            task.add_done_callback(functools.partial(self._resubscribed, uri))
+
+    def _resubscribed(self, uri: str, task: asyncio.Task[Message]) -> None:
+        if not task.cancelled() and "error" in (reply := task.result()):
+            message = str(reply["error"].get("message"))[:200]
+            log.warning("backend %s: subscription to %s lost in a restart: %s", self.name, uri[:200], message)
 
     def unsubscribe(self, session: Session, uri: str) -> None:
         if (flight := self._subscribing.get(uri)) is not None:

@@ -6,7 +6,16 @@ from __future__ import annotations
 import json
 import sys
 
-TOOLS = [{"name": "touch", "description": "Announce a tool list change.", "inputSchema": {"type": "object"}}]
+TOOLS = [
+    {"name": "touch", "description": "Announce a tool list change.", "inputSchema": {"type": "object"}},
+    {
+        "name": "subscriptions",
+        "description": "The URIs this process was subscribed to.",
+        "inputSchema": {"type": "object"},
+    },
+    {"name": "crash", "description": "Exit with code 3.", "inputSchema": {"type": "object"}},
+]
+subscribed: set[str] = set()
 
 
 def send(message: dict) -> None:
@@ -28,6 +37,10 @@ for line in sys.stdin:
         }
     elif method == "tools/list":
         result = {"tools": TOOLS}
+    elif method == "tools/call" and message["params"]["name"] == "subscriptions":
+        result = {"content": [{"type": "text", "text": json.dumps(sorted(subscribed))}]}
+    elif method == "tools/call" and message["params"]["name"] == "crash":
+        sys.exit(3)
     elif method == "tools/call":
         send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
         send(
@@ -37,6 +50,10 @@ for line in sys.stdin:
     elif method == "resources/list":
         result = {"resources": [{"uri": "raw://thing", "name": "thing"}]}
     elif method in ("resources/subscribe", "resources/unsubscribe", "ping"):
+        if method == "resources/subscribe":
+            subscribed.add(message["params"]["uri"])
+        elif method == "resources/unsubscribe":
+            subscribed.discard(message["params"]["uri"])
         result = {}
     else:
         send({"jsonrpc": "2.0", "id": request_id, "error": {"code": -32601, "message": "Method not found"}})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import os
 import shlex
@@ -20,6 +21,7 @@ from mcp_sse.upstream import backend as backend_module
 from tests.conftest import SDK_SERVER, SERVERS, Running, StartGateway, mcp_client, text_of
 
 SDK_PATH = str(SERVERS / "sdk_server.py")
+RAW_SERVER = {"command": sys.executable, "args": [str(SERVERS / "raw_server.py")]}
 
 
 async def server_status(gw: Running, name: str = "test") -> dict[str, Any]:
@@ -80,6 +82,31 @@ async def test_crash_mid_call_errors_promptly_and_restarts(start_gateway: StartG
     assert not _alive(old_pid)
     async with mcp_client(gw.url, gw.token) as later:
         assert text_of(await later.call_tool("echo", {"text": "after"})) == "after"
+
+
+async def test_subscriptions_are_renewed_with_a_restarted_child(
+    start_gateway: StartGateway, fast_backoff: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = await start_gateway({"test": RAW_SERVER})
+    async with mcp_client(gw.url, gw.token) as client, mcp_client(gw.url, gw.token, transport="sse") as other:
+        await client.subscribe_resource("raw://thing")
+        await other.subscribe_resource("raw://thing")  # shared: one upstream subscription
+        assert json.loads(text_of(await client.call_tool("subscriptions", {}))) == ["raw://thing"]
+        old_pid = (await server_status(gw))["pid"]
+        with pytest.raises(MCPError):
+            await client.call_tool("crash", {})
+        deadline = time.monotonic() + 15
+        while (status := await server_status(gw))["state"] != "running" or status["pid"] == old_pid:
+            assert time.monotonic() < deadline, status
+            await asyncio.sleep(0.05)
+        # The new child was asked again, before anything else was written to it.
+        assert json.loads(text_of(await other.call_tool("subscriptions", {}))) == ["raw://thing"]
+        # Both sessions still hold it: the upstream subscription ends only when the last lets go.
+        await client.unsubscribe_resource("raw://thing")
+        assert json.loads(text_of(await other.call_tool("subscriptions", {}))) == ["raw://thing"]
+        await other.unsubscribe_resource("raw://thing")
+        assert json.loads(text_of(await other.call_tool("subscriptions", {}))) == []
+    assert "lost in a restart" not in caplog.text
 
 
 async def test_crash_fails_every_call_in_flight_not_only_the_crashing_one(
