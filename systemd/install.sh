@@ -110,7 +110,7 @@ if ((skip_venv)); then
 else
     run install -d -m 0755 "$root$opt"
     run "$python" -m venv "$root$opt/venv"
-    run "$root$opt/venv/bin/pip" install --quiet "${repo}[fast]"  # uvloop: 13-19% less CPU per call
+    run "$root$opt/venv/bin/pip" install --quiet "${repo}[fast]"  # uvloop: less CPU per call (bench/README.md)
 fi
 
 # 3. Settings: the .env, and the files it names, copied where the service can read them.
