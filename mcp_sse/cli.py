@@ -26,7 +26,7 @@ from . import __version__
 from .app import build_backends, create_app, reload_keys
 from .ops import sd_notify
 from .security.check import audit_settings
-from .security.headers import SECURITY_HEADERS, SERVER
+from .security.headers import HSTS, SECURITY_HEADERS, SERVER
 from .security.ipfilter import allows_any
 from .security.keys import KeysFileError, generate_key
 from .settings import Secret, Settings, SettingsError
@@ -102,6 +102,8 @@ class _RequestHandler(web.RequestHandler):
         self.logger.info("refused a malformed HTTP request from %s (%s)", request.remote, type(exc).__name__)
         # The application's on_response_prepare never runs for it: give it the same headers here.
         headers = {**SECURITY_HEADERS, "Server": SERVER}
+        if self.transport is not None and self.transport.get_extra_info("sslcontext") is not None:
+            headers["Strict-Transport-Security"] = HSTS
         response = web.json_response({"error": "malformed HTTP request"}, status=status, headers=headers)
         response.force_close()  # where the next request would start is unknown
         return response

@@ -94,7 +94,9 @@ async def mcp_client(
         yield client
 
 
-def init_message(version: str = "2025-11-25", request_id: str | int = 1) -> dict[str, Any]:
+def init_message(
+    version: str = "2025-11-25", request_id: str | int = 1, capabilities: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A raw initialize request, for tests that speak the wire by hand."""
     return {
         "jsonrpc": "2.0",
@@ -102,7 +104,7 @@ def init_message(version: str = "2025-11-25", request_id: str | int = 1) -> dict
         "method": "initialize",
         "params": {
             "protocolVersion": version,
-            "capabilities": {},
+            "capabilities": capabilities or {},
             "clientInfo": {"name": "raw", "version": "0"},
         },
     }

@@ -24,6 +24,8 @@ from typing import Any
 import aiohttp
 from cryptography.fernet import Fernet
 
+from tests.conftest import init_message as raw_init_message
+
 HERE = Path(__file__).parent
 FAULT_SERVER = str(HERE / "fault_server.py")
 ACCEPT_BOTH = "application/json, text/event-stream"
@@ -51,16 +53,7 @@ def call(request_id: str | int, tool: str, **arguments: Any) -> dict[str, Any]:
 
 
 def init_message(version: str, request_id: str | int = "init") -> dict[str, Any]:
-    return {
-        "jsonrpc": "2.0",
-        "id": request_id,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": version,
-            "capabilities": {"sampling": {}},
-            "clientInfo": {"name": "reliability", "version": "0"},
-        },
-    }
+    return raw_init_message(version, request_id, capabilities={"sampling": {}})
 
 
 def text_result(message: dict[str, Any]) -> str:

@@ -193,3 +193,12 @@ async def test_native_tls_with_hsts_and_secure_cookies(tmp_path: Path) -> None:
             old.maximum_version = ssl.TLSVersion.TLSv1_1
         with pytest.raises(aiohttp.ClientError):
             await http.get(url + "/health", ssl=old)  # TLS 1.1 and older are refused
+        # A request the HTTP parser refuses (bare LF line ends) is answered by the gateway, not the
+        # app: it still gets HSTS, and quotes none of its bytes.
+        host, port = url.removeprefix("https://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port), ssl=context)
+        writer.write(f"GET /health HTTP/1.1\nHost: x\nAuthorization: Bearer {STRONG}\n\n".encode())
+        answer = (await asyncio.wait_for(reader.read(), 10)).decode()
+        writer.close()
+        assert answer.split(" ", 2)[1] == "400", answer
+        assert "Strict-Transport-Security: max-age=" in answer and STRONG not in answer
