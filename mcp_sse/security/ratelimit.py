@@ -271,9 +271,10 @@ _QUOTA: Final[web.RequestKey[_Quota]] = web.RequestKey("rate_limit_quota")
 
 def rate_limit_headers(decision: Decision, policy: str) -> dict[str, str]:
     """IETF draft-ietf-httpapi-ratelimit-headers (structured fields) plus the legacy X- trio."""
+    name = policy.partition(";")[0]  # the limit names the policy it counts against ("key" or "default")
     return {
         "RateLimit-Policy": policy,
-        "RateLimit": f'"default";r={decision.remaining};t={decision.reset_seconds}',
+        "RateLimit": f"{name};r={decision.remaining};t={decision.reset_seconds}",
         "X-RateLimit-Limit": str(decision.limit),
         "X-RateLimit-Remaining": str(decision.remaining),
         # Epoch seconds, as GitHub and express-rate-limit's legacy headers send it.
