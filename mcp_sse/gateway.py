@@ -136,11 +136,15 @@ class Gateway:
                     self._schemas[name] = tool["inputSchema"]
                     self._validators.pop(name, None)
 
+    def tool_schema(self, tool: str) -> dict[str, Any] | None:
+        """The tool's inputSchema, as last listed or as the backend announced it; None if unknown."""
+        return self._schemas.get(tool) or self.backend.tool_schema(tool)
+
     def _invalid_arguments(self, tool: str, arguments: Any) -> str | None:
         """Why the arguments do not fit the tool's inputSchema, or None (also when no schema is known)."""
         if not isinstance(arguments, dict):
             return "arguments must be an object"
-        schema = self._schemas.get(tool) or self.backend.tool_schema(tool)
+        schema = self.tool_schema(tool)
         if schema is None:
             return None
         if tool not in self._schemas:

@@ -11,10 +11,7 @@ Closing a request's stream cancels the request downstream.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
-import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -35,6 +32,7 @@ from ..protocol.jsonrpc import (
     is_request,
     validate_message,
 )
+from ..protocol.param_headers import decode_header_value, param_header_problem
 from ..protocol.session import EventStream, Session, forwardable_headers
 from ..protocol.versions import ALL_VERSIONS, HANDSHAKE_VERSIONS, MODERN_VERSIONS
 from ..state import IDENTITY, SESSIONS, TRANSPORT
@@ -63,7 +61,6 @@ HTTP_STATUS: Final = {
 STATE_TTL: Final = 300.0
 """How long a call waiting for the client's input is kept before it is cancelled."""
 MAX_PENDING: Final = 1000
-_SENTINEL = re.compile(r"=\?base64\?(.*)\?=")
 LISTEN_FILTERS: Final = {
     "toolsListChanged": ("notifications/tools/list_changed", "tools"),
     "promptsListChanged": ("notifications/prompts/list_changed", "prompts"),
@@ -75,16 +72,6 @@ def is_modern(request: web.Request) -> bool:
     """The era is chosen per request by its version header: anything not a handshake version is modern."""
     version = request.headers.get("MCP-Protocol-Version")
     return version is not None and version not in HANDSHAKE_VERSIONS
-
-
-def _header_value(raw: str | None) -> str | None:
-    """An `Mcp-Name` value, decoding the `=?base64?...?=` form used for values HTTP cannot carry."""
-    if raw is None or (match := _SENTINEL.fullmatch(raw)) is None:
-        return raw
-    try:
-        return base64.b64decode(match.group(1), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
 
 
 def unsupported(request_id: str | int | None, version: str) -> Message:
@@ -140,13 +127,23 @@ class ModernHTTP:
             return error_response(request_id, HEADER_MISMATCH, "Mcp-Method header does not match the method")
         name_key = NAME_PARAM.get(method)
         named = params.get(name_key) if name_key is not None else None
-        if named is not None and _header_value(request.headers.get("Mcp-Name")) != named:
+        if named is not None and decode_header_value(request.headers.get("Mcp-Name")) != named:
             return error_response(
                 request_id, HEADER_MISMATCH, f"Mcp-Name header does not match params.{name_key}"
             )
         if meta[VERSION_META] not in MODERN_VERSIONS:
             return unsupported(request_id, str(meta[VERSION_META]))
         return None
+
+    async def _param_headers(self, request: web.Request, message: Message) -> Message | None:
+        """-32020 when `Mcp-Param-*` headers disagree with the arguments the tool's schema marks."""
+        params = message.get("params") or {}
+        tool = str(params.get("name"))
+        schema = self.gateway.tool_schema(tool)
+        if schema is None and await self.gateway.backend.wait_ready(READY_WAIT):
+            schema = self.gateway.tool_schema(tool)  # a backend still starting had not listed its tools
+        problem = param_header_problem(schema, params.get("arguments"), request.headers) if schema else None
+        return None if problem is None else error_response(message["id"], HEADER_MISMATCH, problem)
 
     def _session(self, request: web.Request, message: Message) -> Session:
         """A session for this one request: it carries the caller's identity and declared capabilities."""
@@ -183,6 +180,8 @@ class ModernHTTP:
         if not is_request(message):
             return reply(error_response(None, INVALID_REQUEST, "Invalid Request: POST one JSON-RPC request"))
         if (refusal := self._ladder(request, message)) is not None:
+            return reply(refusal)
+        if message["method"] == "tools/call" and (refusal := await self._param_headers(request, message)):
             return reply(refusal)
         if message["method"] == "subscriptions/listen":
             return await self._listen(request, message)

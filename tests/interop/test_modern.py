@@ -165,6 +165,66 @@ async def test_name_header_may_be_base64_encoded(start_gateway: StartGateway, ht
     assert (await response.json())["result"]["content"][0]["text"] == "b64"
 
 
+ROUTE_ARGUMENTS = {"region": "eu-west", "count": 42, "dry": False, "target": {"id": "résumé"}, "note": "n"}
+ROUTE_HEADERS = {
+    "Mcp-Param-Region": "eu-west",
+    "mcp-param-count": "42",  # header names are case-insensitive
+    "Mcp-Param-Dry": "false",
+    "Mcp-Param-Id": "=?base64?" + base64.b64encode("résumé".encode()).decode() + "?=",  # not ASCII: base64
+}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "headers", "refusal"),
+    [
+        ({}, {}, None),
+        ({"count": 42.0}, {"Mcp-Param-Count": "42.0"}, None),  # integers compare as numbers
+        ({"region": "eu-west"}, {"Mcp-Param-Region": "us-east"}, "Mcp-Param-Region header does not match"),
+        ({"count": 43}, {"Mcp-Param-Count": "42"}, "Mcp-Param-Count header does not match"),
+        ({"dry": True}, {"Mcp-Param-Dry": "false"}, "Mcp-Param-Dry header does not match"),
+        ({"target": {"id": "x"}}, {"Mcp-Param-Id": "y"}, "argument 'target.id'"),
+        ({"region": None}, {"Mcp-Param-Region": "eu-west"}, "which the request does not carry"),
+        ({}, {"Mcp-Param-Region": None}, "Mcp-Param-Region header is missing"),
+        ({}, {"Mcp-Param-Id": "=?base64?not base64!?="}, "not valid base64"),
+    ],
+)
+async def test_param_headers_must_agree_with_the_arguments(
+    start_gateway: StartGateway,
+    http: Any,
+    arguments: dict[str, Any],
+    headers: dict[str, str | None],
+    refusal: str | None,
+) -> None:
+    # An edge that routes on Mcp-Param-Region while the tool runs with another region is the
+    # confused deputy the rule prevents: the request that disagrees never reaches the backend.
+    gw = await start_gateway({"raw": RAW_SERVER})
+    sent = {**modern_headers(gw.token, "tools/call", "route"), **ROUTE_HEADERS}
+    for name, value in headers.items():
+        for existing in [k for k in sent if k.lower() == name.lower()]:
+            del sent[existing]
+        if value is not None:
+            sent[name] = value
+    call = modern_request("tools/call", {"name": "route", "arguments": {**ROUTE_ARGUMENTS, **arguments}})
+    response = await http.post(gw.url + "/mcp", json=call, headers=sent)
+    body = await response.json()
+    if refusal is None:
+        assert response.status == 200 and body["result"]["content"][0]["text"] == "touched", body
+    else:
+        assert response.status == 400 and body["error"]["code"] == -32020, body
+        assert refusal in body["error"]["message"]
+
+
+async def test_a_repeated_param_header_is_refused(start_gateway: StartGateway, http: Any) -> None:
+    gw = await start_gateway({"raw": RAW_SERVER})
+    headers = list({**modern_headers(gw.token, "tools/call", "route"), **ROUTE_HEADERS}.items())
+    headers.append(("Mcp-Param-Region", "eu-west"))  # the same value twice: readers may still disagree
+    call = modern_request("tools/call", {"name": "route", "arguments": ROUTE_ARGUMENTS})
+    response = await http.post(gw.url + "/mcp", json=call, headers=headers)
+    body = await response.json()
+    assert response.status == 400 and body["error"]["code"] == -32020
+    assert "more than once" in body["error"]["message"]
+
+
 async def test_get_and_delete_without_a_legacy_session_are_405(
     start_gateway: StartGateway, http: Any
 ) -> None:

@@ -329,3 +329,78 @@ def test_accept_parsing_never_raises_and_ignores_case_order_and_parameters(value
         assert result
     # Adding what is required always makes it acceptable.
     assert accepts(f"{value}, application/json, text/event-stream", *both)
+
+
+# -- Mcp-Param-* headers (2026-07-28) ------------------------------------------------------------
+
+header_names = st.sampled_from(["Region", "Count", "Dry", "Id", "bad name", "", "région"])
+property_schemas = st.fixed_dictionaries(
+    {"type": st.sampled_from(["string", "integer", "boolean", "number", "object", None])},
+    optional={"x-mcp-header": header_names | st.integers() | st.none()},
+)
+tool_schemas = st.recursive(
+    st.fixed_dictionaries(
+        {"properties": st.dictionaries(st.sampled_from("abc"), property_schemas, max_size=3)}
+    ),
+    lambda inner: st.fixed_dictionaries(
+        {"properties": st.dictionaries(st.sampled_from("abc"), inner, max_size=3)}
+    ),
+    max_leaves=6,
+)
+param_headers = st.dictionaries(
+    st.sampled_from(["Mcp-Param-Region", "mcp-param-count", "Mcp-Param-Dry", "Mcp-Param-Id", "Other"]),
+    st.text(max_size=30) | st.just("=?base64?@@?=") | st.just("=?base64?dHJ1ZQ==?="),
+    max_size=4,
+)
+
+
+@fuzz
+@given(tool_schemas, json_values, param_headers)
+def test_param_header_check_never_raises_and_names_a_header(
+    schema: Any, arguments: Any, headers: Any
+) -> None:
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from mcp_sse.protocol.param_headers import param_header_problem
+
+    problem = param_header_problem(schema, arguments, CIMultiDictProxy(CIMultiDict(headers)))
+    assert problem is None or problem.startswith("Mcp-Param-")
+
+
+@fuzz
+@given(st.text(max_size=40), st.integers(-(10**30), 10**30), st.booleans())
+def test_param_headers_written_as_a_client_writes_them_always_agree(
+    text: str, number: int, flag: bool
+) -> None:
+    import base64
+
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from mcp_sse.protocol.param_headers import param_header_problem
+
+    schema = {
+        "properties": {
+            "s": {"type": "string", "x-mcp-header": "S"},
+            "n": {"type": "integer", "x-mcp-header": "N"},
+            "b": {"type": "boolean", "x-mcp-header": "B"},
+        }
+    }
+    headers = CIMultiDict(
+        {
+            "Mcp-Param-S": "=?base64?"
+            + base64.b64encode(text.encode("utf-8", "surrogatepass")).decode()
+            + "?="
+            if not text.isascii() or not text.isprintable() or text != text.strip()
+            else text,
+            "Mcp-Param-N": str(number),
+            "Mcp-Param-B": "true" if flag else "false",
+        }
+    )
+    arguments = {"s": text, "n": number, "b": flag}
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+        return  # not JSON a client can send
+    assert param_header_problem(schema, arguments, CIMultiDictProxy(headers)) is None
+    headers["Mcp-Param-N"] = str(number + 1)
+    assert param_header_problem(schema, arguments, CIMultiDictProxy(headers)) == (
+        "Mcp-Param-N header does not match argument 'n'"
+    )

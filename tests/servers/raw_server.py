@@ -14,6 +14,20 @@ TOOLS = [
         "inputSchema": {"type": "object"},
     },
     {"name": "crash", "description": "Exit with code 3.", "inputSchema": {"type": "object"}},
+    {
+        "name": "route",
+        "description": "Arguments mirrored into Mcp-Param-* headers (MCP 2026-07-28).",
+        "inputSchema": {
+            "type": "object",
+            "properties": {
+                "region": {"type": "string", "x-mcp-header": "Region"},
+                "count": {"type": "integer", "x-mcp-header": "Count"},
+                "dry": {"type": "boolean", "x-mcp-header": "Dry"},
+                "target": {"type": "object", "properties": {"id": {"type": "string", "x-mcp-header": "Id"}}},
+                "note": {"type": "string"},
+            },
+        },
+    },
 ]
 subscribed: set[str] = set()
 
