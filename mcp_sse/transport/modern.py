@@ -127,7 +127,8 @@ class ModernHTTP:
             return error_response(request_id, HEADER_MISMATCH, "Mcp-Method header does not match the method")
         name_key = NAME_PARAM.get(method)
         named = params.get(name_key) if name_key is not None else None
-        if named is not None and decode_header_value(request.headers.get("Mcp-Name")) != named:
+        # A name header for a body that names nothing did not come from this request either.
+        if name_key is not None and decode_header_value(request.headers.get("Mcp-Name")) != named:
             return error_response(
                 request_id, HEADER_MISMATCH, f"Mcp-Name header does not match params.{name_key}"
             )

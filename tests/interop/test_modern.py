@@ -124,6 +124,7 @@ async def test_no_session_is_minted_and_discover_says_who_we_are(
         ({"headers": {"Mcp-Method": "tools/list"}}, 400, -32020),
         ({"headers": {"Mcp-Name": "add"}}, 400, -32020),
         ({"headers": {"Mcp-Name": None}}, 400, -32020),
+        ({"drop_name": True}, 400, -32020),  # Mcp-Name for a call whose body names no tool
         ({"meta_version": "2026-01-01"}, 400, -32020),  # header and body disagree
         ({"headers": {"MCP-Protocol-Version": "2099-01-01"}, "meta_version": "2099-01-01"}, 400, -32022),
         ({"method": "nope/nope"}, 404, -32601),
@@ -138,6 +139,8 @@ async def test_envelope_and_routing_header_rules(
     message = modern_request(method, {"name": "echo", "arguments": {"text": "x"}})
     if "meta" in change:
         message["params"]["_meta"] = change["meta"]
+    if change.get("drop_name"):
+        del message["params"]["name"]
     if "meta_version" in change:
         message["params"]["_meta"] = {
             **META,
