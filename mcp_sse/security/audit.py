@@ -100,8 +100,7 @@ def _clean(value: Any, depth: int = 0) -> Any:
         return {_clean(str(k), depth + 1): _clean(v, depth + 1) for k, v in items}
     if isinstance(value, list | tuple | set | frozenset):
         return [_clean(v, depth + 1) for v in list(value)[:MAX_ITEMS]]
-    text = _CONTROL.sub("", str(value))
-    return text if len(text) <= MAX_STRING else text[:MAX_STRING] + "...[truncated]"
+    return _clean(str(value))  # anything else as its text, through the string branch above
 
 
 class AuditLog:

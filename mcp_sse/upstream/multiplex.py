@@ -234,17 +234,8 @@ class Multiplexer:
             return result_response(message["id"], {})
         flight = self._subscribing.get(uri)
         if flight is None:
-            # The gateway's own request, not the first caller's: it must not fail for the others if
-            # that caller's session ends or cancels while it is in flight.
             upstream = {k: v for k, v in params.items() if k != "_meta"}
-            request = {
-                "jsonrpc": "2.0",
-                "id": "subscribe",
-                "method": "resources/subscribe",
-                "params": upstream,
-            }
-            flight = _Subscribing(asyncio.create_task(self._subscribe_upstream(uri, request, timeout)))
-            self._subscribing[uri] = flight
+            flight = self._start_subscribe(uri, upstream, timeout)
         flight.waiting.add(session)
         try:
             reply = await asyncio.shield(flight.task)
@@ -252,6 +243,15 @@ class Multiplexer:
             flight.waiting.discard(session)  # its client is gone: not subscribed
             raise
         return {**reply, "id": message["id"]}
+
+    def _start_subscribe(self, uri: str, params: dict[str, Any], timeout: float) -> _Subscribing:
+        """The upstream subscribe for `uri`, as the gateway's own request, not any one caller's: it
+        must not fail for the others if that caller's session ends or cancels while it is in flight."""
+        request = {"jsonrpc": "2.0", "id": "subscribe", "method": "resources/subscribe", "params": params}
+        flight = self._subscribing[uri] = _Subscribing(
+            asyncio.create_task(self._subscribe_upstream(uri, request, timeout))
+        )
+        return flight
 
     async def _subscribe_upstream(self, uri: str, request: Message, timeout: float) -> Message:  # noqa: ASYNC109
         try:
@@ -272,15 +272,9 @@ class Multiplexer:
         not subscribed (a subscribe meanwhile joins the request); a refusal ends them, logged."""
         for uri, sessions in list(self._subscriptions.items()):
             del self._subscriptions[uri]
-            request = {
-                "jsonrpc": "2.0",
-                "id": "subscribe",
-                "method": "resources/subscribe",
-                "params": {"uri": uri},
-            }
-            task = asyncio.create_task(self._subscribe_upstream(uri, request, timeout))
-            self._subscribing[uri] = _Subscribing(task, set(sessions))
-            task.add_done_callback(functools.partial(self._resubscribed, uri))
+            flight = self._start_subscribe(uri, {"uri": uri}, timeout)
+            flight.waiting.update(sessions)
+            flight.task.add_done_callback(functools.partial(self._resubscribed, uri))
 
     def _resubscribed(self, uri: str, task: asyncio.Task[Message]) -> None:
         if not task.cancelled() and "error" in (reply := task.result()):
