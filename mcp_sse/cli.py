@@ -145,10 +145,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_command(settings, _env_file(args.env_file))
     try:
         settings = fail_closed(settings)
-    except SettingsError as exc:
-        print(f"mcp-sse: {exc}", file=sys.stderr)
-        return 2
-    try:
         loop_factory = event_loop_factory(settings.event_loop)
     except SettingsError as exc:
         print(f"mcp-sse: {exc}", file=sys.stderr)
