@@ -8,8 +8,6 @@ with clients of any other.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from typing import Any, Protocol
@@ -28,6 +26,7 @@ from .protocol.jsonrpc import (
 )
 from .protocol.session import LOG_LEVELS, Session
 from .protocol.versions import ALL_VERSIONS, negotiate
+from .security.audit import fingerprint, redact
 from .upstream.backend import READY_WAIT, Backend
 
 __all__ = ["Auditor", "Gateway", "Policy"]
@@ -187,7 +186,7 @@ class Gateway:
         self, session: Session, tool: str, arguments: Any, reply: Message, seconds: float
     ) -> None:
         assert self.audit is not None
-        encoded = json.dumps(arguments, sort_keys=True, default=str).encode()
+        sha256, size = fingerprint(arguments)
         result = reply.get("result")
         outcome = (
             "error"
@@ -203,12 +202,10 @@ class Gateway:
             "tool": tool[:200],
             "duration_ms": round(seconds * 1000, 1),
             "outcome": outcome,
-            "arguments_bytes": len(encoded),
-            "arguments_sha256": hashlib.sha256(encoded).hexdigest()[:16],
+            "arguments_bytes": size,
+            "arguments_sha256": sha256,
         }
         if self.audit_arguments:
-            from .security.audit import redact
-
             fields["arguments"] = redact(arguments)
         self.audit.event("tool.invoked", None, **fields)
 

@@ -57,8 +57,12 @@ class ProtocolError(Exception):
         return error_response(self.request_id, self.code, self.message)
 
 
+# One encoder for every message: json.dumps with options builds a new encoder on each call.
+_ENCODE: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def dumps(message: Any) -> str:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODE(message)
 
 
 _LONE_SURROGATE = re.compile(
@@ -89,13 +93,16 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+_DECODE: Final = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float).decode
+
+
 def parse_body(body: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     """Decode a request body, refusing invalid UTF-8, invalid JSON and hostile nesting."""
     if not body.strip():
         raise ProtocolError(PARSE_ERROR, "Parse error: empty body")
     try:
         text = body.decode("utf-8")
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = _DECODE(text)
     except UnicodeDecodeError:
         raise ProtocolError(PARSE_ERROR, "Parse error: body is not valid UTF-8") from None
     except RecursionError:

@@ -26,7 +26,7 @@ from aiohttp import web
 # AUDIT, the app's AuditLog, lives in state.py with the other keys; it is re-exported from here.
 from ..state import AUDIT, CLIENT_IP, IDENTITY, REQUEST_ID
 
-__all__ = ["AUDIT", "MESSAGES", "REDACTED", "AuditLog", "digest", "redact"]
+__all__ = ["AUDIT", "MESSAGES", "REDACTED", "AuditLog", "digest", "fingerprint", "redact"]
 
 log = logging.getLogger("mcp_sse.audit")
 
@@ -54,6 +54,10 @@ _BEARER: Final = re.compile(r"\b(bearer|basic)\s+\S+", re.I)
 # log viewer show something other than what was logged ("Trojan Source", CVE-2021-42574).
 _CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _FIXED: Final = frozenset({"ts", "event"})  # when and what: never taken from a caller's fields
+_MASK: Final = rf"\1 {REDACTED}"
+# Made once: json.dumps with any option builds a new encoder on every call.
+_CANONICAL: Final = json.JSONEncoder(sort_keys=True, default=str).encode
+_LINE: Final = json.JSONEncoder(ensure_ascii=True, default=str).encode
 
 
 def digest(data: bytes) -> str:
@@ -68,13 +72,13 @@ def _secret_name(name: str) -> bool:
 
 def redact(value: Any) -> Any:
     """A copy of `value` with the values of secret-looking keys replaced, in nested dicts and lists too."""
+    if isinstance(value, str):
+        # A credential logged under an innocent name, e.g. a list of header pairs.
+        return _BEARER.sub(_MASK, value)
     if isinstance(value, dict):
         return {k: REDACTED if _secret_name(str(k)) else redact(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [redact(v) for v in value]
-    if isinstance(value, str):
-        # A credential logged under an innocent name, e.g. a list of header pairs.
-        return _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", value)
     return value
 
 
@@ -83,12 +87,16 @@ def _clean_key(key: str) -> str:
     return _CONTROL.sub("", key)[:MAX_STRING]
 
 
+def _text(value: str) -> str:
+    # isprintable() is False for every character _CONTROL matches (and a few more): a C-speed pre-check.
+    text = value if value.isprintable() else _CONTROL.sub("", value)
+    return text if len(text) <= MAX_STRING else text[:MAX_STRING] + "...[truncated]"
+
+
 def _clean(value: Any, depth: int = 0) -> Any:
     """JSON-safe, bounded and printable: capped strings, no control characters, no NaN."""
     if isinstance(value, str):  # first: most values are
-        # isprintable() is False for every character _CONTROL matches (and a few more): a C-speed pre-check.
-        text = value if value.isprintable() else _CONTROL.sub("", value)
-        return text if len(text) <= MAX_STRING else text[:MAX_STRING] + "...[truncated]"
+        return _text(value)
     if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, float):
@@ -100,7 +108,17 @@ def _clean(value: Any, depth: int = 0) -> Any:
         return {_clean(str(k), depth + 1): _clean(v, depth + 1) for k, v in items}
     if isinstance(value, list | tuple | set | frozenset):
         return [_clean(v, depth + 1) for v in list(value)[:MAX_ITEMS]]
-    return _clean(str(value))  # anything else as its text, through the string branch above
+    return _text(str(value))  # anything else as its text
+
+
+def fingerprint(value: Any) -> tuple[str, int]:
+    """(sha256 prefix, size) of a payload's canonical JSON: what is logged instead of the payload."""
+    data = _CANONICAL(value).encode()
+    return digest(data), len(data)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class AuditLog:
@@ -138,45 +156,46 @@ class AuditLog:
             log.warning("%s", message)
 
     def _payload(self, value: Any) -> Any:
-        if value is None or isinstance(value, int | float):
-            return value
+        """A caller's field value as it goes in the line: redacted, cleaned, payloads digested."""
+        if isinstance(value, str):
+            return _text(_BEARER.sub(_MASK, value))
+        if value is None or isinstance(value, bool | int | float):
+            return _clean(value)
         if self.log_values or not isinstance(value, dict | list | tuple):
-            return redact(value)
-        data = json.dumps(value, default=str, sort_keys=True).encode()
-        return {"sha256": digest(data), "bytes": len(data)}
+            return _clean(redact(value), 1)
+        sha256, size = fingerprint(value)
+        return {"sha256": sha256, "bytes": size}
 
     def record(self, name: str, request: web.Request | None = None, **fields: Any) -> dict[str, Any]:
         """The dict `event()` would write: useful to tests and to callers that forward it elsewhere."""
-        line: dict[str, Any] = {
-            "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "event": name,
-            "request_id": request.get(REQUEST_ID) if request is not None else None,
-            "ip": str(ip) if request is not None and (ip := request.get(CLIENT_IP)) is not None else None,
-            "identity": request.get(IDENTITY) if request is not None else None,
-        }
-        if request is not None:
+        line: dict[str, Any] = {"ts": _now(), "event": _text(name)}
+        if request is None:
+            line.update(request_id=None, ip=None, identity=None)
+        else:
+            ip, identity = request.get(CLIENT_IP), request.get(IDENTITY)
+            line["request_id"] = _clean(request.get(REQUEST_ID))
+            line["ip"] = None if ip is None else str(ip)
+            line["identity"] = _clean(identity)
             # The path without the query string: a URL token (URL_AUTH) must not reach the log.
-            line["method"] = request.method
-            line["path"] = request.path
+            line["method"] = _text(request.method)
+            line["path"] = _text(request.path)
         # The human phrase: the event's fixed phrase, then the caller's msg (or its reason).
         extra = fields.pop("msg", None) or fields.get("reason")
         for key, value in fields.items():
             if value is None and line.get(key) is not None:
                 continue  # identity=None from a caller does not erase what the request knows
             # A caller may say who (identity=...) when there is no request; it can never rewrite when/what.
-            line[f"field_{key}" if key in _FIXED else key] = (
-                REDACTED if _secret_name(key) else self._payload(value)
-            )
+            name_in_line = _clean_key(f"field_{key}" if key in _FIXED else key)
+            line[name_in_line] = REDACTED if _secret_name(key) else self._payload(value)
         phrase = MESSAGES.get(name)
         parts = [p for p in (phrase, None if extra is None else redact(str(extra))) if p]
-        line["msg"] = ": ".join(parts) if parts else name
-        # Values are cleaned one by one so that many fields never push `msg` out of the line.
-        return {_clean_key(key): _clean(value, 1) for key, value in line.items()}
+        line["msg"] = _text(": ".join(parts)) if parts else line["event"]
+        return line
 
     def event(self, name: str, request: web.Request | None = None, **fields: Any) -> None:
         """Write one line about `name`. Never raises: auditing must not take the server down."""
         try:
-            text = json.dumps(self.record(name, request, **fields), ensure_ascii=True, default=str) + "\n"
+            text = _LINE(self.record(name, request, **fields)) + "\n"
         except Exception as exc:  # a field that cannot be serialised must not fail the request
             self._warn("encode", f"cannot encode audit event {name!r}: {exc!r}")
             return

@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -66,8 +66,7 @@ def _positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be positive, got {value!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):  # a tuple: made on every request, and cheaper than a frozen dataclass
     allowed: bool
     limit: int
     remaining: int
@@ -164,14 +163,26 @@ class RateLimiter:
 
 
 class LogThrottle:
-    """At most one audit line per key in a minute or two for a repeated refusal: a flood of refused
+    """At most one audit line per key every `seconds` for a repeated event: a flood of refused
     requests must not become a flood of log lines that fills the disk (CWE-779)."""
 
-    def __init__(self, *, seconds: int = 60) -> None:
-        self._limiter = RateLimiter(window_ms=seconds * 1000, max_requests=1)
+    def __init__(self, *, seconds: float = 60, max_keys: int = MAX_KEYS) -> None:
+        _positive("seconds", seconds)
+        _positive("max_keys", max_keys)
+        self.seconds, self.max_keys = seconds, max_keys
+        self._quiet_until: OrderedDict[str, float] = OrderedDict()  # oldest first
 
     def allow(self, key: str, *, now: float | None = None) -> bool:
-        return self._limiter.hit(key, now=now).allowed
+        now = time.monotonic() if now is None else now
+        table = self._quiet_until
+        while table and next(iter(table.values())) <= now:
+            table.popitem(last=False)  # quiet periods end in the order they began
+        if key in table:
+            return False
+        table[key] = now + self.seconds
+        if len(table) > self.max_keys:
+            table.popitem(last=False)
+        return True
 
 
 class FailureLockout:
@@ -260,8 +271,7 @@ class StreamCounter:
         return self._open.get(key, 0)
 
 
-@dataclass(frozen=True, slots=True)
-class _Quota:
+class _Quota(NamedTuple):
     decision: Decision
     policy: str
 
@@ -290,10 +300,8 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
 
 
 def install_rate_limit_headers(app: web.Application) -> None:
-    """Register the prepare hook that puts the rate-limit headers on streamed (SSE) responses too.
-
-    Without it the middleware still sets them on every ordinary response and error.
-    """
+    """Register the prepare hook that puts the rate-limit headers on every response: ordinary,
+    streamed (SSE) and errors alike. The middlewares count; this hook is what tells the client."""
     app.on_response_prepare.append(_on_prepare)
 
 
@@ -330,11 +338,16 @@ def _has_cookie(request: web.Request) -> bool:
 def charge_key(request: web.Request, limiter: RateLimiter, key: str, limit: int) -> None:
     """Count an authenticated request against its key; 429 with the key's quota when over it."""
     decision = limiter.hit(f"key:{key}", limit=limit)
-    policy = f'"key";q={limit};w={math.ceil(limiter.window)}'
+    policy = _key_policy(limit, limiter.window)
     request[_QUOTA] = _Quota(decision, policy)
     if not decision.allowed:
         headers = rate_limit_headers(decision, policy)
         raise _too_many(TOO_MANY, {**headers, "Retry-After": str(decision.retry_after)})
+
+
+@functools.lru_cache(maxsize=256)
+def _key_policy(limit: int, window: float) -> str:
+    return f'"key";q={limit};w={math.ceil(window)}'
 
 
 def _too_many(error: str, headers: dict[str, str]) -> web.HTTPTooManyRequests:
@@ -378,25 +391,18 @@ def ip_rate_limit_middleware(
             )
         # Authenticated requests are counted against their key (in authentication); the
         # address pays for what arrives without credentials and for every failed credential.
-        key = key_of(request)
+        # The RateLimit headers are added by install_rate_limit_headers' hook, on every response.
         credential = _presented_credential(request, logins) or _has_cookie(request)
         if not credential:
-            _charge(request, key)
+            _charge(request, key_of(request))
         try:
-            response = await handler(request)
+            return await handler(request)
         except web.HTTPException as exc:
             if exc.status == 401:
                 _failed(request)
                 if credential:
-                    _charge(request, key)
-            if (quota := request.get(_QUOTA)) is not None:
-                headers = rate_limit_headers(quota.decision, quota.policy)
-                exc.headers.extend((k, v) for k, v in headers.items() if k not in exc.headers)
+                    _charge(request, key_of(request))
             raise
-        if (quota := request.get(_QUOTA)) is not None and not response.prepared:
-            for name, value in rate_limit_headers(quota.decision, quota.policy).items():
-                response.headers.setdefault(name, value)
-        return response
 
     def _charge(request: web.Request, key: str) -> None:
         decision = limiter.hit(key)

@@ -49,8 +49,11 @@ async def read_message(request: web.Request) -> Any:
     limit = settings.max_body
     if request.content_length is None or request.content_length <= limit:
         try:
-            async with asyncio.timeout(settings.body_timeout):
+            if request.content.is_eof():  # all of it arrived with the headers: nothing to wait for
                 body = await request.read()
+            else:
+                async with asyncio.timeout(settings.body_timeout):
+                    body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             pass  # a chunked body that grew past the limit
         except TimeoutError:

@@ -160,7 +160,7 @@ class ChildProcess:
         if not line.strip():
             return
         try:
-            message: Any = json.loads(line)
+            message: Any = json.loads(line.decode())  # MCP's stdio is UTF-8; anything else is not JSON
         except (ValueError, RecursionError):
             log.warning("backend %s wrote a line that is not JSON; ignored", self.name)
             return

@@ -96,10 +96,13 @@ class Multiplexer:
             self._by_client[(session.id, id_key(client_id))] = upstream_id
         try:
             self._write(outbound)
-            return await asyncio.wait_for(asyncio.shield(pending.future), timeout)
+            # Awaited directly (no wait_for, no shield): the answer wakes this task in one loop turn.
+            async with asyncio.timeout(timeout):
+                return await pending.future
         except asyncio.CancelledError:
             # The caller is gone (a 2026-era client closed its stream): the backend may stop too.
-            if not pending.future.done():
+            # Its cancellation cancelled the future too, unless the answer had already come.
+            if pending.future.cancelled() or not pending.future.done():
                 self._cancel_upstream(upstream_id, "cancelled by the client")
             raise
         except TimeoutError:
@@ -121,7 +124,8 @@ class Multiplexer:
         self._pending[upstream_id] = pending
         try:
             self._write({"jsonrpc": "2.0", "id": upstream_id, "method": "ping"})
-            await asyncio.wait_for(asyncio.shield(pending.future), timeout)
+            async with asyncio.timeout(timeout):
+                await pending.future
         except (TimeoutError, ConnectionError):
             return False
         finally:

@@ -15,6 +15,7 @@ from mcp_sse.security.client_ip import client_ip_middleware
 from mcp_sse.security.cors import setup_cors
 from mcp_sse.security.ratelimit import (
     FailureLockout,
+    LogThrottle,
     RateLimiter,
     StreamCounter,
     address_key,
@@ -217,6 +218,17 @@ async def test_lockout_through_a_server(aiohttp_client: Any, audit: AuditLog) ->
     lockout.reset("127.0.0.1")
     async with client.get("/json", headers={"Authorization": "Bearer good"}) as response:
         assert response.status == 200
+
+
+def test_log_throttle_allows_one_line_per_key_per_period_in_bounded_memory() -> None:
+    throttle = LogThrottle(seconds=60, max_keys=3)
+    assert throttle.allow("a", now=0.0)
+    assert not throttle.allow("a", now=59.9)  # the flood is quiet...
+    assert throttle.allow("b", now=59.9)  # ...without silencing anyone else
+    assert throttle.allow("a", now=60.0)  # one line again once the period is over
+    for i in range(100):
+        throttle.allow(f"scanner-{i}", now=61.0)
+    assert len(throttle._quiet_until) == 3  # a flood of new keys costs a fixed amount
 
 
 def test_stream_counter() -> None:
