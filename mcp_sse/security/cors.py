@@ -1,4 +1,4 @@
-"""CORS for browser clients, on aiohttp-cors: exact origins, with credentials, headers MCP clients need.
+"""CORS for browser clients, on aiohttp-cors: exact origins, with credentials, any request header.
 
 SECURITY: aiohttp-cors given the origin "*" echoes the caller's Origin back; with
 `allow_credentials` that lets any web page read the answers, so "*" is refused at startup.
@@ -21,7 +21,7 @@ from aiohttp import web
 
 from .origin import normalise_origin
 
-__all__ = ["ALLOW_HEADERS", "EXPOSE_HEADERS", "METHODS", "is_preflight", "setup_cors"]
+__all__ = ["EXPOSE_HEADERS", "METHODS", "is_preflight", "setup_cors"]
 
 # Without Mcp-Session-Id here a browser client cannot read its session id and breaks.
 EXPOSE_HEADERS: Final = (
@@ -31,15 +31,6 @@ EXPOSE_HEADERS: Final = (
     "RateLimit-Policy",
     "Retry-After",
     "X-Request-Id",
-)
-ALLOW_HEADERS: Final = (
-    "Authorization",
-    "Content-Type",
-    "Mcp-Session-Id",
-    "MCP-Protocol-Version",
-    "Last-Event-ID",
-    "Mcp-Method",
-    "Mcp-Name",
 )
 METHODS: Final = ("GET", "POST", "DELETE", "OPTIONS")
 MAX_AGE: Final = 600  # seconds a browser may reuse a preflight answer (Chromium caps it at 7200)
@@ -80,7 +71,9 @@ def setup_cors(app: web.Application, *, allowed_origins: Sequence[str]) -> None:
     options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
         allow_credentials=True,
         expose_headers=EXPOSE_HEADERS,
-        allow_headers=ALLOW_HEADERS,
+        # Any request header: MCP 2026-07-28 names one Mcp-Param-<Name> header per tool argument,
+        # so no fixed list can hold them. The grant is still only ever for an exact allowed origin.
+        allow_headers="*",
         allow_methods=METHODS,
         max_age=MAX_AGE,
     )
