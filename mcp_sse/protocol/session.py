@@ -91,6 +91,7 @@ class EventStream:
         """
         self.reader = owner
         self._changed.set()  # wake a previous reader so it notices it was replaced
+        loop = asyncio.get_running_loop()
         while self.reader is owner:
             if self._events and self._events[0][0] > after + 1:
                 raise StreamOverrun(f"stream {self.number} lost events after {after}")
@@ -105,11 +106,14 @@ class EventStream:
                 return
             if not pending:
                 self._changed.clear()
+                # A bare timer, not asyncio.timeout: this runs for every event, and it only has to wake us.
+                timer = loop.call_later(idle, self._changed.set)
                 try:
-                    async with asyncio.timeout(idle):
-                        await self._changed.wait()
-                except TimeoutError:
-                    yield None
+                    await self._changed.wait()
+                finally:
+                    timer.cancel()
+                if self._seq == after and not self.finished and self.reader is owner:
+                    yield None  # woken by the timer: nothing for `idle` seconds
 
     async def wait_first(self) -> None:
         while not self._events and not self.finished:

@@ -54,7 +54,6 @@ _BEARER: Final = re.compile(r"\b(bearer|basic)\s+\S+", re.I)
 # log viewer show something other than what was logged ("Trojan Source", CVE-2021-42574).
 _CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _FIXED: Final = frozenset({"ts", "event"})  # when and what: never taken from a caller's fields
-_MASK: Final = rf"\1 {REDACTED}"
 # Made once: json.dumps with any option builds a new encoder on every call.
 _CANONICAL: Final = json.JSONEncoder(sort_keys=True, default=str).encode
 _LINE: Final = json.JSONEncoder(ensure_ascii=True, default=str).encode
@@ -70,11 +69,16 @@ def _secret_name(name: str) -> bool:
     return bool(_SECRET_NAME.search(name)) and not _SAFE_SUFFIX.search(name)
 
 
+def _mask(match: re.Match[str]) -> str:
+    # A function, not a template: re parses a template with a group reference again on every call.
+    return f"{match.group(1)} {REDACTED}"
+
+
 def redact(value: Any) -> Any:
     """A copy of `value` with the values of secret-looking keys replaced, in nested dicts and lists too."""
     if isinstance(value, str):
         # A credential logged under an innocent name, e.g. a list of header pairs.
-        return _BEARER.sub(_MASK, value)
+        return _BEARER.sub(_mask, value)
     if isinstance(value, dict):
         return {k: REDACTED if _secret_name(str(k)) else redact(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -83,8 +87,11 @@ def redact(value: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=1024)
-def _clean_key(key: str) -> str:
-    return _CONTROL.sub("", key)[:MAX_STRING]
+def _line_name(key: str) -> tuple[str, bool]:
+    """The name a caller's field takes in the line, and whether its value is a secret."""
+    # A caller may say who (identity=...) when there is no request; it can never rewrite when/what.
+    name = f"field_{key}" if key in _FIXED else key
+    return _CONTROL.sub("", name)[:MAX_STRING], _secret_name(key)
 
 
 def _text(value: str) -> str:
@@ -158,7 +165,7 @@ class AuditLog:
     def _payload(self, value: Any) -> Any:
         """A caller's field value as it goes in the line: redacted, cleaned, payloads digested."""
         if isinstance(value, str):
-            return _text(_BEARER.sub(_MASK, value))
+            return _text(_BEARER.sub(_mask, value))
         if value is None or isinstance(value, bool | int | float):
             return _clean(value)
         if self.log_values or not isinstance(value, dict | list | tuple):
@@ -184,9 +191,8 @@ class AuditLog:
         for key, value in fields.items():
             if value is None and line.get(key) is not None:
                 continue  # identity=None from a caller does not erase what the request knows
-            # A caller may say who (identity=...) when there is no request; it can never rewrite when/what.
-            name_in_line = _clean_key(f"field_{key}" if key in _FIXED else key)
-            line[name_in_line] = REDACTED if _secret_name(key) else self._payload(value)
+            name_in_line, secret = _line_name(key)
+            line[name_in_line] = REDACTED if secret else self._payload(value)
         phrase = MESSAGES.get(name)
         parts = [p for p in (phrase, None if extra is None else redact(str(extra))) if p]
         line["msg"] = _text(": ".join(parts)) if parts else line["event"]

@@ -17,7 +17,7 @@ from ..protocol.jsonrpc import (
 )
 from ..protocol.session import Session
 from ..protocol.versions import supports_batches
-from ..state import IDENTITY, SESSIONS, TRANSPORT
+from ..state import IDENTITY, SESSIONS
 from .common import (
     answer_safely,
     find_session,
@@ -49,7 +49,7 @@ class LegacySSE:
             response = await open_sse(request)
             endpoint = f"{self.messages_path}?session_id={session.id}"
             await response.write(encode(endpoint, event="endpoint"))
-            await pump(response, session.standalone, 0, request.app[TRANSPORT], with_ids=False)
+            await pump(request, response, session.standalone, 0, with_ids=False)
         except (ConnectionError, RuntimeError):
             pass  # the client left before the endpoint event was written
         finally:

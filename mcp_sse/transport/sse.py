@@ -9,7 +9,7 @@ from typing import Final
 from aiohttp import web
 
 from ..protocol.session import EventStream, StreamOverrun
-from ..state import TransportSettings
+from ..state import TRANSPORT
 
 __all__ = ["SSE_HEADERS", "encode", "open_sse", "pump"]
 
@@ -40,15 +40,23 @@ async def open_sse(request: web.Request, headers: dict[str, str] | None = None) 
     return response
 
 
+def _stalled(transport: asyncio.Transport) -> None:
+    log.warning("closing a stream whose reader stopped reading")
+    transport.abort()  # the blocked write fails with ConnectionResetError, which ends the pump
+
+
 async def pump(
+    request: web.Request,
     response: web.StreamResponse,
     stream: EventStream,
     after: int,
-    settings: TransportSettings,
     *,
     with_ids: bool,
 ) -> bool:
     """Write the stream's events until it finishes; False when the client went away or fell behind."""
+    settings = request.app[TRANSPORT]
+    transport = request.transport
+    loop = asyncio.get_running_loop()
     try:
         async for item in stream.read(after, response, settings.keepalive):
             if item is None:
@@ -56,20 +64,24 @@ async def pump(
             else:
                 seq, data = item
                 chunk = encode(data, event="message", event_id=stream.event_id(seq) if with_ids else None)
+            if transport is None:
+                return False
             # A peer that keeps its TCP window shut must not hold the stream (and its memory,
             # socket and per-key slot) forever: a write that cannot finish in time ends it.
-            async with asyncio.timeout(settings.write_timeout):  # no task per write, unlike wait_for
+            # A bare timer rather than asyncio.timeout: this runs for every event.
+            watchdog = loop.call_later(settings.write_timeout, _stalled, transport)
+            try:
                 await response.write(chunk)
-    except TimeoutError:
-        log.warning("closing a stream whose reader stopped reading")
-        return False
+            finally:
+                watchdog.cancel()
     except StreamOverrun as exc:
         log.warning("closing a stream whose reader fell behind: %s", exc)
         return False
     except (ConnectionError, RuntimeError):
         # The peer closed the connection (aiohttp raises ClientConnectionResetError, a
-        # ConnectionError, or RuntimeError once the transport is gone). Events not yet
-        # written stay in the buffer for a Last-Event-ID resume.
+        # ConnectionError, or RuntimeError once the transport is gone), or it stopped reading
+        # and the watchdog aborted it. Events not yet written stay in the buffer for a
+        # Last-Event-ID resume.
         return False
     finally:
         stream.release(response)

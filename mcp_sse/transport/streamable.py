@@ -27,7 +27,7 @@ from ..protocol.jsonrpc import (
 )
 from ..protocol.session import Session
 from ..protocol.versions import supports_batches, supports_priming
-from ..state import IDENTITY, SESSIONS, TRANSPORT
+from ..state import IDENTITY, SESSIONS
 from .common import (
     answer_safely,
     find_session,
@@ -162,7 +162,7 @@ class StreamableHTTP:
         try:
             if supports_priming(session.protocol_version):
                 await response.write(encode("", event_id=stream.event_id(0)))
-            await pump(response, stream, 0, request.app[TRANSPORT], with_ids=True)
+            await pump(request, response, stream, 0, with_ids=True)
         except (ConnectionError, RuntimeError):
             pass  # the answer stays buffered for a Last-Event-ID resume
         return response
@@ -179,7 +179,7 @@ class StreamableHTTP:
         try:
             if supports_priming(session.protocol_version):
                 await response.write(encode("", event_id=stream.event_id(after)))
-            await pump(response, stream, after, request.app[TRANSPORT], with_ids=True)
+            await pump(request, response, stream, after, with_ids=True)
         except (ConnectionError, RuntimeError):
             pass
         return response
