@@ -294,9 +294,8 @@ def rate_limit_headers(decision: Decision, policy: str) -> dict[str, str]:
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     quota = request.get(_QUOTA)
-    if quota is not None:
-        for name, value in rate_limit_headers(quota.decision, quota.policy).items():
-            response.headers.setdefault(name, value)
+    if quota is not None and "RateLimit" not in response.headers:  # a 429 carries its own already
+        response.headers.extend(rate_limit_headers(quota.decision, quota.policy))
 
 
 def install_rate_limit_headers(app: web.Application) -> None:

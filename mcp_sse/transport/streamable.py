@@ -9,6 +9,7 @@ it (progress, a sampling or elicitation request). Every SSE event carries an id
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Final
 
@@ -48,9 +49,14 @@ SESSION_HEADER: Final = "Mcp-Session-Id"
 VERSION_HEADER: Final = "MCP-Protocol-Version"
 
 
+@functools.lru_cache(maxsize=256)
+def _media_types(accept: str) -> frozenset[str]:
+    # Cached: a client sends the same Accept on every request.
+    return frozenset(part.split(";")[0].strip().lower() for part in accept.split(","))
+
+
 def _accepts(request: web.Request, *types: str) -> bool:
-    accept = request.headers.get("Accept", "")
-    offered = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    offered = _media_types(request.headers.get("Accept", "")[:1024])
     return "*/*" in offered or all(t in offered for t in types)
 
 

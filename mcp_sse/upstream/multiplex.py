@@ -59,6 +59,21 @@ class _Subscribing:
     waiting: set[Session] = field(default_factory=set)
 
 
+def _time_out(future: asyncio.Future[Message]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+async def _answer(future: asyncio.Future[Message], timeout: float) -> Message:  # noqa: ASYNC109
+    """The backend's answer, or TimeoutError after `timeout` seconds. Awaited directly, with a bare
+    timer (no wait_for, shield or asyncio.timeout): the answer wakes the caller in one loop turn."""
+    timer = asyncio.get_running_loop().call_later(timeout, _time_out, future)
+    try:
+        return await future
+    finally:
+        timer.cancel()
+
+
 class Multiplexer:
     def __init__(
         self, name: str, write: Callable[[Message], None], *, on_timeout: Callable[[], None] = lambda: None
@@ -96,9 +111,7 @@ class Multiplexer:
             self._by_client[(session.id, id_key(client_id))] = upstream_id
         try:
             self._write(outbound)
-            # Awaited directly (no wait_for, no shield): the answer wakes this task in one loop turn.
-            async with asyncio.timeout(timeout):
-                return await pending.future
+            return await _answer(pending.future, timeout)
         except asyncio.CancelledError:
             # The caller is gone (a 2026-era client closed its stream): the backend may stop too.
             # Its cancellation cancelled the future too, unless the answer had already come.
@@ -124,8 +137,7 @@ class Multiplexer:
         self._pending[upstream_id] = pending
         try:
             self._write({"jsonrpc": "2.0", "id": upstream_id, "method": "ping"})
-            async with asyncio.timeout(timeout):
-                await pending.future
+            await _answer(pending.future, timeout)
         except (TimeoutError, ConnectionError):
             return False
         finally:
