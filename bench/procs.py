@@ -168,8 +168,16 @@ class Processes:
         self.started.append(process)
         return process
 
-    def ours(self, servers_file: Path, name: str = "ours", source: Path | None = None) -> Gateway:
-        """Our gateway; `source` is a directory holding another copy of `mcp_sse` to run instead."""
+    def ours(
+        self,
+        servers_file: Path,
+        name: str = "ours",
+        source: Path | None = None,
+        wrapper: list[str] | None = None,
+        ready_timeout: float = 60.0,
+    ) -> Gateway:
+        """Our gateway; `source` is a directory holding another copy of `mcp_sse` to run instead;
+        `wrapper` a command that runs it (valgrind, for `python -m bench.instructions`)."""
         port, token = free_port(), Fernet.generate_key().decode()
         env = {
             "AUTH_TOKEN": token,
@@ -185,10 +193,10 @@ class Processes:
         env["PYTHONPATH"] = os.pathsep.join(path)
         servers = {"mcpServers": {"time": {"command": CHILD[0], "args": CHILD[1:]}}}
         servers_file.write_text(json.dumps(servers))
-        cmd = [sys.executable, "-m", "mcp_sse", "--host", HOST, "--port", str(port)]
+        cmd = [*(wrapper or []), sys.executable, "-m", "mcp_sse", "--host", HOST, "--port", str(port)]
         process = self.spawn(name, [*cmd, "--config", str(servers_file)], env)
         headers = {"Authorization": f"Bearer {token}"}
-        return self._ready(Gateway(name, process, port, "/sse", "/mcp", headers))
+        return self._ready(Gateway(name, process, port, "/sse", "/mcp", headers), ready_timeout)
 
     def supergateway(self, transport: str) -> Gateway:
         port = free_port()
