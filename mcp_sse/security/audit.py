@@ -164,12 +164,6 @@ class AuditLog:
 
     def _payload(self, value: Any) -> Any:
         """A caller's field value as it goes in the line: redacted, cleaned, payloads digested."""
-        if isinstance(value, str):
-            return _text(_BEARER.sub(_mask, value))
-        if value is None or isinstance(value, bool | int):
-            return value
-        if isinstance(value, float):
-            return value if math.isfinite(value) else str(value)
         if self.log_values or not isinstance(value, dict | list | tuple):
             return _clean(redact(value), 1)
         sha256, size = fingerprint(value)

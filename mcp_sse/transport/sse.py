@@ -58,14 +58,14 @@ async def pump(
     transport = request.transport
     loop = asyncio.get_running_loop()
     try:
+        if transport is None:
+            return False  # the connection is already gone
         async for item in stream.read(after, response, settings.keepalive):
             if item is None:
                 chunk = b": keep-alive\n\n"
             else:
                 seq, data = item
                 chunk = encode(data, event="message", event_id=stream.event_id(seq) if with_ids else None)
-            if transport is None:
-                return False
             # A peer that keeps its TCP window shut must not hold the stream (and its memory,
             # socket and per-key slot) forever: a write that cannot finish in time ends it.
             # A bare timer rather than asyncio.timeout: this runs for every event.
