@@ -26,7 +26,7 @@ from .protocol.jsonrpc import (
 )
 from .protocol.session import LOG_LEVELS, Session
 from .protocol.versions import ALL_VERSIONS, negotiate
-from .security.audit import fingerprint, redact
+from .security.audit import fingerprint
 from .upstream.backend import READY_WAIT, Backend
 
 __all__ = ["Auditor", "Gateway", "Policy"]
@@ -206,7 +206,7 @@ class Gateway:
             "arguments_sha256": sha256,
         }
         if self.audit_arguments:
-            fields["arguments"] = redact(arguments)
+            fields["arguments"] = arguments  # sanitized by the audit log, as every field is
         self.audit.event("tool.invoked", None, **fields)
 
     async def _initialize(self, session: Session, message: Message) -> Message:

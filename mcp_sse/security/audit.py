@@ -17,7 +17,7 @@ import math
 import os
 import re
 import sys
-from datetime import UTC, datetime
+import time
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -26,7 +26,7 @@ from aiohttp import web
 # AUDIT, the app's AuditLog, lives in state.py with the other keys; it is re-exported from here.
 from ..state import AUDIT, CLIENT_IP, IDENTITY, REQUEST_ID
 
-__all__ = ["AUDIT", "MESSAGES", "REDACTED", "AuditLog", "digest", "fingerprint", "redact"]
+__all__ = ["AUDIT", "MESSAGES", "REDACTED", "AuditLog", "digest", "fingerprint", "sanitize"]
 
 log = logging.getLogger("mcp_sse.audit")
 
@@ -74,18 +74,6 @@ def _mask(match: re.Match[str]) -> str:
     return f"{match.group(1)} {REDACTED}"
 
 
-def redact(value: Any) -> Any:
-    """A copy of `value` with the values of secret-looking keys replaced, in nested dicts and lists too."""
-    if isinstance(value, str):
-        # A credential logged under an innocent name, e.g. a list of header pairs.
-        return _BEARER.sub(_mask, value)
-    if isinstance(value, dict):
-        return {k: REDACTED if _secret_name(str(k)) else redact(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact(v) for v in value]
-    return value
-
-
 @functools.lru_cache(maxsize=1024)
 def _line_name(key: str) -> tuple[str, bool]:
     """The name a caller's field takes in the line, and whether its value is a secret."""
@@ -95,26 +83,34 @@ def _line_name(key: str) -> tuple[str, bool]:
 
 
 def _text(value: str) -> str:
-    # isprintable() is False for every character _CONTROL matches (and a few more): a C-speed pre-check.
-    text = value if value.isprintable() else _CONTROL.sub("", value)
-    return text if len(text) <= MAX_STRING else text[:MAX_STRING] + "...[truncated]"
+    """`value` printable and capped, with any "Bearer <token>" masked."""
+    # isprintable() is False for every whitespace character but the space, and for every character
+    # _CONTROL matches: a printable string without a space needs neither expression (most values).
+    if " " in value or not value.isprintable():
+        # Masked before stripping: the space between "Bearer" and a token may be a control character.
+        value = _CONTROL.sub("", _BEARER.sub(_mask, value))
+    return value if len(value) <= MAX_STRING else value[:MAX_STRING] + "...[truncated]"
 
 
-def _clean(value: Any, depth: int = 0) -> Any:
-    """JSON-safe, bounded and printable: capped strings, no control characters, no NaN."""
+def sanitize(value: Any, depth: int = 0) -> Any:
+    """A copy of `value` fit for the line, in one pass: values of secret-looking keys replaced (in
+    nested dicts and lists too), strings capped and printable, no NaN, bounded depth and length."""
+    # Tuples, not `X | Y`: isinstance would build a union object on every call.
     if isinstance(value, str):  # first: most values are
         return _text(value)
-    if value is None or isinstance(value, bool | int):
+    if value is None or isinstance(value, (bool, int)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if depth >= MAX_DEPTH:
         return "[too deep]"
     if isinstance(value, dict):
-        items = list(value.items())[:MAX_ITEMS]
-        return {_clean(str(k), depth + 1): _clean(v, depth + 1) for k, v in items}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_clean(v, depth + 1) for v in list(value)[:MAX_ITEMS]]
+        return {
+            _text(str(k)): REDACTED if _secret_name(str(k)) else sanitize(v, depth + 1)
+            for k, v in list(value.items())[:MAX_ITEMS]
+        }
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [sanitize(v, depth + 1) for v in list(value)[:MAX_ITEMS]]
     return _text(str(value))  # anything else as its text
 
 
@@ -125,7 +121,15 @@ def fingerprint(value: Any) -> tuple[str, int]:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """UTC, to the millisecond: 2026-11-21T09:10:50.123Z."""
+    now = time.time()
+    second = int(now)
+    return f"{_second(second)}.{int((now - second) * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=1)
+def _second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 class AuditLog:
@@ -164,8 +168,8 @@ class AuditLog:
 
     def _payload(self, value: Any) -> Any:
         """A caller's field value as it goes in the line: redacted, cleaned, payloads digested."""
-        if self.log_values or not isinstance(value, dict | list | tuple):
-            return _clean(redact(value), 1)
+        if self.log_values or not isinstance(value, (dict, list, tuple)):
+            return sanitize(value, 1)
         sha256, size = fingerprint(value)
         return {"sha256": sha256, "bytes": size}
 
@@ -176,9 +180,9 @@ class AuditLog:
             line.update(request_id=None, ip=None, identity=None)
         else:
             ip, identity = request.get(CLIENT_IP), request.get(IDENTITY)
-            line["request_id"] = _clean(request.get(REQUEST_ID))
+            line["request_id"] = sanitize(request.get(REQUEST_ID))
             line["ip"] = None if ip is None else str(ip)
-            line["identity"] = _clean(identity)
+            line["identity"] = sanitize(identity)
             # The path without the query string: a URL token (URL_AUTH) must not reach the log.
             line["method"] = _text(request.method)
             line["path"] = _text(request.path)
@@ -190,7 +194,7 @@ class AuditLog:
             name_in_line, secret = _line_name(key)
             line[name_in_line] = REDACTED if secret else self._payload(value)
         phrase = MESSAGES.get(name)
-        parts = [p for p in (phrase, None if extra is None else redact(str(extra))) if p]
+        parts = [p for p in (phrase, None if extra is None else str(extra)) if p]
         line["msg"] = _text(": ".join(parts)) if parts else line["event"]
         return line
 

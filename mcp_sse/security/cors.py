@@ -13,7 +13,7 @@ never sends credentials on a preflight.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
 import aiohttp_cors
@@ -33,6 +33,7 @@ EXPOSE_HEADERS: Final = (
     "X-Request-Id",
 )
 METHODS: Final = ("GET", "POST", "DELETE", "OPTIONS")
+ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[object]]
 MAX_AGE: Final = 600  # seconds a browser may reuse a preflight answer (Chromium caps it at 7200)
 
 
@@ -77,9 +78,27 @@ def setup_cors(app: web.Application, *, allowed_origins: Sequence[str]) -> None:
         allow_methods=METHODS,
         max_age=MAX_AGE,
     )
+    theirs = len(app.on_response_prepare)
     cors = aiohttp_cors.setup(app, defaults={origin: options for origin in sorted(origins)})
     for resource in list(app.router.resources()):
         # Sub-application resources are not routes of this router; their own setup would cover them.
         if isinstance(resource, web.Resource | web.StaticResource):
             cors.add(resource)
-    app.on_response_prepare.append(_vary_origin)
+    hooks = app.on_response_prepare
+    for index in range(theirs, len(hooks)):  # the hooks aiohttp_cors.setup added
+        hooks[index] = _with_origin_only(hooks[index])
+    hooks.append(_vary_origin)
+
+
+def _with_origin_only(hook: ResponseHook) -> ResponseHook:
+    """aiohttp-cors' response hook, called only for requests that carry an Origin.
+
+    It looks up the route's CORS options on every response before it reads Origin, then does
+    nothing without one (CORS 6.1.1). Most callers are not browsers: they are spared the lookup.
+    """
+
+    async def hook_with_origin(request: web.Request, response: web.StreamResponse) -> None:
+        if "Origin" in request.headers:
+            await hook(request, response)
+
+    return hook_with_origin

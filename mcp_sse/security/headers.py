@@ -42,7 +42,7 @@ SECURITY_HEADERS: Final[dict[str, str]] = {
         "payment=(), usb=()"
     ),
     # Tool results and key listings must not sit in a shared or browser cache (OWASP REST Security).
-    # Event streams set their own `no-cache`, which setdefault leaves alone.
+    # Event streams set their own `no-cache`, which is left alone.
     "Cache-Control": "no-store",
 }
 
@@ -52,8 +52,7 @@ def install_security_headers(app: web.Application, *, hsts: bool) -> None:
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
         headers = response.headers
-        for name, value in SECURITY_HEADERS.items():
-            headers.setdefault(name, value)  # a handler that set its own value meant it
+        headers.merge(SECURITY_HEADERS)  # only those not set: a handler that set its own meant it
         # hsts=True is for TLS ended by a proxy we do not hear X-Forwarded-Proto from. Should it
         # reach a browser over plain HTTP anyway, the browser ignores it (RFC 6797 section 8.1).
         if hsts or request.get(SECURE, False):

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
-from mcp_sse.security.audit import REDACTED, AuditLog, digest, redact
+from mcp_sse.security.audit import REDACTED, AuditLog, digest, sanitize
 from mcp_sse.security.client_ip import client_ip_middleware
 from mcp_sse.security.request_id import request_id_middleware
 from mcp_sse.state import IDENTITY
@@ -133,7 +133,7 @@ def test_redact_nested_secrets() -> None:
         "key_id": "k1",
         "count": 3,
     }
-    out = redact(value)
+    out = sanitize(value)
     assert out["Authorization"] == REDACTED
     assert out["config"]["db"] == {"Password": REDACTED, "host": "db"}
     assert out["config"]["API_KEY"] == REDACTED
@@ -142,6 +142,21 @@ def test_redact_nested_secrets() -> None:
     # Ids and digests are made safe on purpose; they stay.
     assert out["token_sha256"] == "0123456789abcdef" and out["key_id"] == "k1" and out["count"] == 3
     assert value["Authorization"] == "Bearer abc"  # a copy: the caller's data is untouched
+
+
+def test_a_credential_is_masked_whatever_whitespace_or_container_carries_it() -> None:
+    # Attacker's side: a token after a tab, a no-break space or an ideographic space, in a set, in a
+    # scalar field and in msg. Only a printable string without a space may skip the expressions.
+    audit = AuditLog(None, stream=None)
+    tricks = ["Bearer\tt0k1", "basic\u00a0t0k2", "BEARER\u3000t0k3", "x Bearer t0k4", "Bearer\r\nt0k5"]
+    line = audit.record("x", note=tricks[0], other=tricks[1], msg=tricks[3])
+    audit.log_values = True
+    line |= audit.record("x", bag=set(tricks), nested={"k": tricks})
+    text = json.dumps(line)
+    assert not any(f"t0k{n}" in text for n in range(1, 6)), text
+    assert line["note"] == f"Bearer {REDACTED}"
+    # Printable, no space: nothing to mask, nothing to strip; the value is kept as it came.
+    assert audit.record("x", tool="Bearer_not_a_header")["tool"] == "Bearer_not_a_header"
 
 
 def test_event_redacts_top_level_and_payloads_follow_log_values() -> None:
