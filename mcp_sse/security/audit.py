@@ -167,7 +167,9 @@ class AuditLog:
             log.warning("%s", message)
 
     def _payload(self, value: Any) -> Any:
-        """A caller's field value as it goes in the line: redacted, cleaned, payloads digested."""
+        """A caller's field value as it goes in the line: sanitized, payloads digested."""
+        if isinstance(value, str):  # most are: straight to what sanitize() would do with it
+            return _text(value)
         if self.log_values or not isinstance(value, (dict, list, tuple)):
             return sanitize(value, 1)
         sha256, size = fingerprint(value)

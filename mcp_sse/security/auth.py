@@ -128,7 +128,7 @@ def authorization() -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         key = request.get(API_KEY)
-        if key is not None:
+        if key is not None and key.backends is not None:  # a key limited to some backends
             resource = request.match_info.route.resource
             backend = request.app[ROUTE_BACKENDS].get(resource.canonical if resource else "")
             if backend is not None and not key.may_use_backend(backend):

@@ -6,6 +6,7 @@ request is refused (fail closed) rather than let through.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from typing import Final
@@ -47,6 +48,13 @@ def ip_allowlist_middleware(*, allowed: Sequence[str], audit: AuditLog) -> Middl
     open_to_all = allows_any(allowed)
     throttle = LogThrottle()  # a scanner's every request is not worth a line each
 
+    # The list is fixed for the process's life and ipaddress' containment test is slow Python:
+    # one verdict per address, for the few addresses a deployment sees.
+    @functools.lru_cache(maxsize=4096)
+    def admitted(ip: IPAddress) -> bool:
+        address = normalise(ip)
+        return any(address in net for net in networks)
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if open_to_all:
@@ -54,9 +62,8 @@ def ip_allowlist_middleware(*, allowed: Sequence[str], audit: AuditLog) -> Middl
         ip: IPAddress | None = request.get(CLIENT_IP)
         if ip is None:
             raise RuntimeError("ip_allowlist_middleware needs client_ip_middleware before it in the pipeline")
-        ip = normalise(ip)
-        if not any(ip in net for net in networks):
-            if throttle.allow(address_key(ip)):
+        if not admitted(ip):
+            if throttle.allow(address_key(normalise(ip))):
                 audit.event("ip.denied", request)
             raise web.HTTPForbidden(text=json.dumps({"error": DENIED}), content_type="application/json")
         return await handler(request)

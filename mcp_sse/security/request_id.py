@@ -35,8 +35,8 @@ def new_request_id() -> str:
 def request_id_middleware() -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        inbound = request.headers.get(HEADER, "")
-        request[REQUEST_ID] = inbound if _VALID.fullmatch(inbound) else new_request_id()
+        inbound = request.headers.get(HEADER)
+        request[REQUEST_ID] = inbound if inbound and _VALID.fullmatch(inbound) else new_request_id()
         return await handler(request)
 
     return middleware
