@@ -91,7 +91,7 @@ def parse_forwarded_for(peer: IPAddress, values: Sequence[str], trusted: Sequenc
 def _peer(request: web.Request) -> IPAddress | None:
     transport = request.transport
     peername = transport.get_extra_info("peername") if transport is not None else None
-    if not isinstance(peername, tuple | list) or not peername:
+    if not isinstance(peername, (tuple, list)) or not peername:
         return None  # connection already gone, or a UNIX socket
     return _parse_peer(str(peername[0]))
 

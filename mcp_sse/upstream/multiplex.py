@@ -101,7 +101,7 @@ class Multiplexer:
         params = message.get("params")
         if isinstance(params, dict) and isinstance(meta := params.get("_meta"), dict):
             token = meta.get("progressToken")
-            if isinstance(token, str | int) and not isinstance(token, bool):
+            if isinstance(token, (str, int)) and not isinstance(token, bool):
                 ours = f"{self.name}-{upstream_id}"
                 pending.progress = (ours, token)
                 self._progress[ours] = pending
@@ -168,7 +168,7 @@ class Multiplexer:
         params = message.get("params") or {}
         if method == "notifications/cancelled":
             request_id = params.get("requestId")
-            if not isinstance(request_id, str | int):
+            if not isinstance(request_id, (str, int)):
                 return
             upstream_id = self._by_client.get((session.id, id_key(request_id)))
             if upstream_id is None:
