@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Any, Protocol
 
-import jsonschema
+import jsonschema_rs
 
 from . import __version__
 from .protocol.jsonrpc import (
@@ -32,6 +32,8 @@ from .upstream.backend import READY_WAIT, Backend
 __all__ = ["Auditor", "Gateway", "Policy"]
 
 log = logging.getLogger("mcp_sse.gateway")
+# The validator of a tool whose schema cannot be compiled: its calls go to the backend unchecked.
+_UNCHECKED: Any = object()
 
 
 class Policy(Protocol):
@@ -151,19 +153,28 @@ class Gateway:
         validator = self._validators.get(tool)
         if validator is None:
             try:
-                cls = jsonschema.validators.validator_for(schema)
-                cls.check_schema(schema)
-            except jsonschema.SchemaError:
+                # Draft from $schema (2020-12 without one, as MCP says). Formats stay annotations, as
+                # most validators treat them: the backend may accept what a strict check would not.
+                # Offline: a $ref to a URL must not make the gateway fetch it.
+                validator = jsonschema_rs.validator_for(schema, validate_formats=False, offline=True)
+            except (jsonschema_rs.ValidationError, jsonschema_rs.ReferencingError, ValueError) as exc:
                 log.warning(
-                    "backend %s: tool %s has an invalid inputSchema; not checked", self.name, tool[:100]
+                    "backend %s: tool %s has an inputSchema we cannot use (%s); arguments not checked",
+                    self.name,
+                    tool[:100],
+                    str(exc).partition("\n")[0][:200],
                 )
-                self._schemas.pop(tool)
-                return None
-            validator = self._validators[tool] = cls(schema)
-        error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
+                validator = _UNCHECKED
+            self._validators[tool] = validator
+        if validator is _UNCHECKED:
+            return None
+        try:
+            error = next(validator.iter_errors(arguments), None)
+        except ValueError:  # not a JSON value: cannot come from a parsed body; the backend decides
+            return None
         if error is None:
             return None
-        where = ".".join(str(p) for p in error.absolute_path) or "(arguments)"
+        where = ".".join(str(p) for p in error.instance_path) or "(arguments)"
         return f"{where}: {error.message[:200]}"
 
     async def _call_tool(self, session: Session, message: Message) -> Message:

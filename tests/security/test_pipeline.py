@@ -9,11 +9,13 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from mcp import MCPError
 
 from mcp_sse.app import reload_keys
@@ -184,12 +186,66 @@ async def test_arguments_are_checked_against_the_input_schema(start_gateway: Sta
     async with mcp_client(gw.url, gw.token) as client:
         await client.list_tools()
         with pytest.raises(
-            MCPError, match=r"Invalid params for tool 'add': a: 'one' is not of type 'integer'"
+            MCPError, match=r'Invalid params for tool \'add\': a: "one" is not of type "integer"'
         ):
             await client.call_tool("add", {"a": "one", "b": 2})
-        with pytest.raises(MCPError, match="'b' is a required property"):
+        with pytest.raises(MCPError, match='"b" is a required property'):
             await client.call_tool("add", {"a": 1})
         assert text_of(await client.call_tool("add", {"a": 1, "b": 2})) == "3"
+
+
+# A backend whose tool schemas the gateway cannot use: one names a remote $ref, one is not a schema.
+UNUSABLE_SCHEMAS = """
+import json, sys
+tools = [
+    {"name": "remote", "inputSchema": {"type": "object", "$ref": sys.argv[1]}},
+    {"name": "broken", "inputSchema": {"type": "object", "minProperties": "none"}},
+]
+for line in sys.stdin:
+    message = json.loads(line)
+    if "id" not in message:
+        continue
+    method, params = message["method"], message.get("params") or {}
+    if method == "initialize":
+        result = {"protocolVersion": params["protocolVersion"], "capabilities": {"tools": {}},
+                  "serverInfo": {"name": "unusable", "version": "1"}}
+    elif method == "tools/list":
+        result = {"tools": tools}
+    else:
+        result = {"content": [{"type": "text", "text": "reached " + params.get("name", "")}]}
+    print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
+"""
+
+
+async def test_a_schema_ref_to_a_url_is_never_fetched_and_unusable_schemas_pass_calls_through(
+    start_gateway: StartGateway,
+    aiohttp_server: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Attacker's side: a backend (or whoever feeds its tool list) points a schema at an internal
+    # URL, hoping the gateway will fetch it (SSRF). A listener on loopback counts any attempt.
+    hits: list[str] = []
+
+    async def schema(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.json_response({"not": {}})  # had it been used, every call would be refused
+
+    app = web.Application()
+    app.router.add_get("/schema.json", schema)
+    listener = await aiohttp_server(app, host="127.0.0.1")
+    script = tmp_path / "unusable.py"
+    script.write_text(UNUSABLE_SCHEMAS)
+    url = str(listener.make_url("/schema.json"))
+    gw = await start_gateway({"unusable": {"command": sys.executable, "args": [str(script), url]}})
+    async with mcp_client(gw.url, gw.token) as client:
+        await client.list_tools()
+        for _ in range(3):
+            assert text_of(await client.call_tool("remote", {"any": 1})) == "reached remote"
+            assert text_of(await client.call_tool("broken", {})) == "reached broken"
+    assert hits == []
+    warnings = [r.getMessage() for r in caplog.records if "arguments not checked" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # once per tool, not once per call
 
 
 # -- network filters, headers, CORS -----------------------------------------------------------
