@@ -33,8 +33,9 @@ EXPOSE_HEADERS: Final = (
     "X-Request-Id",
 )
 METHODS: Final = ("GET", "POST", "DELETE", "OPTIONS")
-ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[object]]
 MAX_AGE: Final = 600  # seconds a browser may reuse a preflight answer (Chromium caps it at 7200)
+
+ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[object]]
 
 
 def is_preflight(request: web.Request) -> bool:
