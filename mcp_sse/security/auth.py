@@ -18,7 +18,7 @@ from .audit import AuditLog, digest
 from .cookies import Logins, login_from_cookie
 from .cors import is_preflight
 from .errors import forbidden, unauthorized
-from .keys import KeyStore
+from .keys import KeyStore, bearer_token
 from .ratelimit import LogThrottle, RateLimiter, StreamCounter, charge_key
 
 __all__ = ["ROUTE_BACKENDS", "AuthSettings", "authentication", "authorization"]
@@ -40,10 +40,9 @@ class AuthSettings:
 def _presented_token(request: web.Request, url_auth: bool) -> str | None:
     header = request.headers.get("Authorization")
     if header is not None:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
+        if (token := bearer_token(header)) is None:
             raise unauthorized("Invalid token: use Authorization: Bearer <token>")
-        return value.strip()
+        return token
     for name in URL_TOKEN_PARAMS:
         if name in request.query:
             if not url_auth:

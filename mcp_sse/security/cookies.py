@@ -25,6 +25,7 @@ from cryptography.fernet import Fernet
 from ..settings import Secret
 from ..state import API_KEY, AUDIT, KEYS, LOGINS, SECURE
 from .errors import unauthorized
+from .keys import bearer_token
 
 __all__ = ["CookieStorage", "Login", "Logins", "fernet_key"]
 
@@ -162,8 +163,7 @@ async def end_cookie_session(request: web.Request, logins: Logins) -> bool:
 
 
 async def _login(request: web.Request) -> web.Response:
-    header = request.headers.get("Authorization", "")
-    token = header[7:].strip() if header[:7].lower() == "bearer " else None
+    token = bearer_token(request.headers.get("Authorization", ""))
     if token is None and request.content_type == "application/json":
         try:
             body = await request.json()

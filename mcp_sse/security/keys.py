@@ -26,12 +26,18 @@ from typing import Any, Final, Literal
 
 from ..settings import Secret
 
-__all__ = ["ROLES", "ApiKey", "KeyStore", "KeysFileError", "digest", "generate_key"]
+__all__ = ["ROLES", "ApiKey", "KeyStore", "KeysFileError", "bearer_token", "digest", "generate_key"]
 
 ROLES: Final = ("admin", "operator", "viewer")
 Role = Literal["admin", "operator", "viewer"]
 KEY_FIELDS: Final = frozenset({"id", "name", "sha256", "role", "backends", "tools", "expires", "rate_limit"})
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` value; None for another scheme or no token."""
+    scheme, _, value = authorization.partition(" ")
+    return (value.strip() or None) if scheme.lower() == "bearer" else None
 
 
 class KeysFileError(ValueError):
