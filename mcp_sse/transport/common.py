@@ -49,8 +49,12 @@ async def read_message(request: web.Request) -> Any:
     limit = settings.max_body
     if request.content_length is None or request.content_length <= limit:
         try:
-            if request.content.is_eof():  # all of it arrived with the headers: nothing to wait for
-                body = await request.read()
+            if request.content.is_eof():
+                # All of it arrived with the headers (the usual case): take what is buffered, with
+                # the size check request.read() would make, without its read loop.
+                body = request.content.read_nowait()
+                if len(body) > limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
             else:
                 async with asyncio.timeout(settings.body_timeout):
                     body = await request.read()
