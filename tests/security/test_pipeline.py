@@ -194,13 +194,10 @@ async def test_arguments_are_checked_against_the_input_schema(start_gateway: Sta
         assert text_of(await client.call_tool("add", {"a": 1, "b": 2})) == "3"
 
 
-# A backend whose tool schemas the gateway cannot use: one names a remote $ref, one is not a schema.
-UNUSABLE_SCHEMAS = """
+# A backend that lists the tools given as JSON in argv[1] and answers every call "reached <tool>".
+SCHEMA_SERVER = """
 import json, sys
-tools = [
-    {"name": "remote", "inputSchema": {"type": "object", "$ref": sys.argv[1]}},
-    {"name": "broken", "inputSchema": {"type": "object", "minProperties": "none"}},
-]
+tools = json.loads(sys.argv[1])
 for line in sys.stdin:
     message = json.loads(line)
     if "id" not in message:
@@ -208,13 +205,19 @@ for line in sys.stdin:
     method, params = message["method"], message.get("params") or {}
     if method == "initialize":
         result = {"protocolVersion": params["protocolVersion"], "capabilities": {"tools": {}},
-                  "serverInfo": {"name": "unusable", "version": "1"}}
+                  "serverInfo": {"name": "schemas", "version": "1"}}
     elif method == "tools/list":
         result = {"tools": tools}
     else:
         result = {"content": [{"type": "text", "text": "reached " + params.get("name", "")}]}
     print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
 """
+
+
+def schema_server(tmp_path: Path, tools: list[dict[str, Any]]) -> dict[str, Any]:
+    script = tmp_path / "schema_server.py"
+    script.write_text(SCHEMA_SERVER)
+    return {"command": sys.executable, "args": [str(script), json.dumps(tools)]}
 
 
 async def test_a_schema_ref_to_a_url_is_never_fetched_and_unusable_schemas_pass_calls_through(
@@ -234,10 +237,11 @@ async def test_a_schema_ref_to_a_url_is_never_fetched_and_unusable_schemas_pass_
     app = web.Application()
     app.router.add_get("/schema.json", schema)
     listener = await aiohttp_server(app, host="127.0.0.1")
-    script = tmp_path / "unusable.py"
-    script.write_text(UNUSABLE_SCHEMAS)
-    url = str(listener.make_url("/schema.json"))
-    gw = await start_gateway({"unusable": {"command": sys.executable, "args": [str(script), url]}})
+    tools = [
+        {"name": "remote", "inputSchema": {"type": "object", "$ref": str(listener.make_url("/schema.json"))}},
+        {"name": "broken", "inputSchema": {"type": "object", "minProperties": "none"}},
+    ]
+    gw = await start_gateway({"unusable": schema_server(tmp_path, tools)})
     async with mcp_client(gw.url, gw.token) as client:
         await client.list_tools()
         for _ in range(3):
@@ -246,6 +250,26 @@ async def test_a_schema_ref_to_a_url_is_never_fetched_and_unusable_schemas_pass_
     assert hits == []
     warnings = [r.getMessage() for r in caplog.records if "arguments not checked" in r.getMessage()]
     assert len(warnings) == 2, warnings  # once per tool, not once per call
+
+
+async def test_a_backtracking_pattern_cannot_stall_the_gateway(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    # Attacker's side: a schema with a catastrophic pattern, and an argument made to trip it. A
+    # backtracking engine (Python's re) would take 2^40 steps here and block the event loop; the
+    # validator's engine answers at once, so the call is refused and the next one goes through.
+    tools = [
+        {
+            "name": "search",
+            "inputSchema": {"type": "object", "properties": {"q": {"type": "string", "pattern": "^(a+)+$"}}},
+        }
+    ]
+    gw = await start_gateway({"schemas": schema_server(tmp_path, tools)})
+    async with mcp_client(gw.url, gw.token) as client:
+        await client.list_tools()
+        with pytest.raises(MCPError, match=r"Invalid params for tool 'search': q: .* does not match"):
+            await client.call_tool("search", {"q": "a" * 40 + "!"})
+        assert text_of(await client.call_tool("search", {"q": "aaaa"})) == "reached search"
 
 
 # -- network filters, headers, CORS -----------------------------------------------------------
