@@ -134,7 +134,7 @@ async def next_event(response: Any, timeout: float = 10.0) -> Event:
             raw = await response.content.readline()
             if not raw:
                 raise EOFError("stream ended")
-            line = raw.decode().rstrip("\n")
+            line = raw.decode().rstrip("\n").rstrip("\r")  # SSE lines may end in CRLF
             if line == "":
                 if data or event.id is not None or event.event != "message":
                     event.data = "\n".join(data)

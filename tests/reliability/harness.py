@@ -25,6 +25,7 @@ import aiohttp
 from cryptography.fernet import Fernet
 
 from tests.conftest import init_message as raw_init_message
+from tests.conftest import next_event
 
 HERE = Path(__file__).parent
 FAULT_SERVER = str(HERE / "fault_server.py")
@@ -153,38 +154,12 @@ def parse_sse(body: str) -> list[dict[str, Any]]:
     return messages
 
 
-async def read_event(response: aiohttp.ClientResponse, timeout: float = 10.0) -> dict[str, str]:
-    """One SSE event as its fields ({"comment": ...} for a comment line)."""
-    event: dict[str, str] = {}
-    data: list[str] = []
-    async with asyncio.timeout(timeout):
-        while True:
-            raw = await response.content.readline()
-            if not raw:
-                raise EOFError("stream ended")
-            line = raw.decode().rstrip("\n").rstrip("\r")
-            if line == "":
-                if data or event:
-                    if data:
-                        event["data"] = "\n".join(data)
-                    return event
-                continue
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "":
-                return {"comment": value}
-            if name == "data":
-                data.append(value)
-            else:
-                event[name] = value
-
-
 async def read_message(response: aiohttp.ClientResponse, timeout: float = 10.0) -> tuple[str | None, Any]:
     """The next JSON-RPC message on a stream and its event id."""
     while True:
-        event = await read_event(response, timeout)
-        if event.get("data"):
-            return event.get("id"), json.loads(event["data"])
+        event = await next_event(response, timeout)
+        if event.comment is None and event.data:
+            return event.id, json.loads(event.data)
 
 
 # -- raw clients -----------------------------------------------------------------------------------
@@ -273,9 +248,9 @@ class Legacy:
             timeout=STREAM_TIMEOUT,
         )
         assert self.stream.status == 200, self.stream.status
-        event = await read_event(self.stream)
-        assert event.get("event") == "endpoint", event
-        self.endpoint = event["data"]
+        event = await next_event(self.stream)
+        assert event.event == "endpoint", event
+        self.endpoint = event.data
         self._reader = asyncio.create_task(self._read())
         if version is not None:
             reply = await self.request(init_message(version))

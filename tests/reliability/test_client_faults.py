@@ -20,7 +20,7 @@ import pytest
 
 from mcp_sse.protocol.session import FINISHED_STREAMS_KEPT
 from mcp_sse.state import BACKENDS, SESSIONS, TASKS
-from tests.conftest import SDK_SERVER, Running, StartGateway
+from tests.conftest import SDK_SERVER, Running, StartGateway, next_event
 from tests.reliability.harness import (
     GatewayProcess,
     Legacy,
@@ -28,7 +28,6 @@ from tests.reliability.harness import (
     call,
     fault_server,
     gateway_process,
-    read_event,
     read_message,
     rss_mb,
     task_count,
@@ -110,10 +109,10 @@ async def test_disconnect_mid_stream_resume_gets_the_rest_once(
             client.url, json=slow, headers=client.headers(**{"Content-Type": "application/json"})
         ) as streamed:
             assert streamed.content_type == "text/event-stream"
-            first = await read_event(streamed)
+            first = await next_event(streamed)
             # 2025-11-25 primes the stream with an empty event; 2025-06-18 starts with progress 1.
-            seen = [] if version == "2025-11-25" else [json.loads(first["data"])["params"]["progress"]]
-            last_id = first["id"]
+            seen = [] if version == "2025-11-25" else [json.loads(first.data)["params"]["progress"]]
+            last_id = first.id
         # The connection is gone; the call goes on.
         await asyncio.sleep(0.5)
         rest: list[dict[str, Any]] = []
@@ -195,7 +194,7 @@ async def test_slow_reader_is_cut_off_without_a_silent_gap_and_memory_stays_flat
         legacy = await Legacy(http, gw.url, gw.token, read_delay=0.002).open()
         reader = await Streamable(http, gw.url, gw.token).initialize()
         stream = await http.get(reader.url, headers=reader.headers(Accept="text/event-stream"))
-        assert (await read_event(stream)).get("data", "") == ""  # priming
+        assert (await next_event(stream)).data == ""  # priming
         await flood(control, 50, 100)  # warm up the paths before measuring
         received: list[tuple[str, int]] = []
 
@@ -228,8 +227,8 @@ async def test_slow_reader_is_cut_off_without_a_silent_gap_and_memory_stays_flat
         ) as resumed:
             with pytest.raises(EOFError):
                 while True:
-                    event = await read_event(resumed, timeout=5)
-                    assert not event.get("data"), f"a resume past lost events delivered {event}"
+                    event = await next_event(resumed, timeout=5)
+                    assert not event.data, f"a resume past lost events delivered {event}"
         # The legacy stream (no resume possible) fell behind too and was ended with its session.
         assert await wait_until(legacy.ended.is_set, 10)
         assert await legacy.post(call("x", "echo", text="x")) == 404
@@ -269,12 +268,12 @@ async def test_a_new_get_stream_works_after_events_were_lost(start_gateway: Star
     async with aiohttp.ClientSession() as http:
         client = await Streamable(http, gw.url, gw.token).initialize()
         stream = await http.get(client.url, headers=client.headers(Accept="text/event-stream"))
-        await read_event(stream)
+        await next_event(stream)
         stream.close()
         await flood(client, 100, 100)  # 100 events into a buffer of 32, nobody reading
         async with http.get(client.url, headers=client.headers(Accept="text/event-stream")) as fresh:
             assert fresh.status == 200
-            await read_event(fresh)  # priming
+            await next_event(fresh)  # priming
             await flood(client, 3, 50)  # new events, told apart by their padding
             replayed, new = [], []
             while len(new) < 3:

@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from mcp_sse.security.keys import generate_key
-from tests.conftest import SDK_SERVER
+from tests.conftest import SDK_SERVER, next_event
 from tests.reliability.harness import (
     FAULT_SERVER,
     GatewayProcess,
@@ -34,7 +34,6 @@ from tests.reliability.harness import (
     gateway_process,
     group_members,
     kill_groups,
-    read_event,
     text_result,
     wait_until,
 )
@@ -63,7 +62,7 @@ async def test_sigterm_closes_streams_kills_every_group_and_exits_0(tmp_path: Pa
         legacy = await Legacy(http, gw.url, gw.token, "/servers/sdk").open()
         streamable = await Streamable(http, gw.url, gw.token, "/servers/f/mcp").initialize()
         get_stream = await http.get(streamable.url, headers=streamable.headers(Accept="text/event-stream"))
-        await read_event(get_stream)  # priming
+        await next_event(get_stream)  # priming
         in_flight = [
             asyncio.create_task(streamable.post(call("long", "sleep", seconds=60))),
             asyncio.create_task(legacy.post(call("long-sse", "sleep", seconds=60))),
@@ -84,7 +83,7 @@ async def test_sigterm_closes_streams_kills_every_group_and_exits_0(tmp_path: Pa
         assert await wait_until(legacy.ended.is_set, 2), "the legacy stream was not closed"
         with pytest.raises((EOFError, aiohttp.ClientError)):
             while True:
-                await read_event(get_stream, timeout=2)
+                await next_event(get_stream, timeout=2)
         get_stream.close()
         await legacy.close()
     everyone = set().union(*tree.values())
