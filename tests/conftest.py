@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import re
 import secrets
+import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +117,79 @@ def init_message(
 def text_of(result: Any) -> str:
     """The text of a CallToolResult's first content block."""
     return str(result.content[0].text)
+
+
+# -- server processes --------------------------------------------------------------------------
+
+LISTENING = re.compile(r"listening on (https?://\S+)")
+
+
+@dataclass
+class Launched:
+    """A server process started by `launch()`: where it listens, and its stderr lines so far."""
+
+    process: asyncio.subprocess.Process
+    url: str
+    lines: list[str]
+    drain: asyncio.Task[None]
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    async def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM (unless it already exited); its exit code, once the rest of its stderr is read."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(self.process.wait(), timeout)
+        await asyncio.wait_for(self.drain, 5)
+        return code
+
+
+async def launch(
+    argv: Sequence[str],
+    *,
+    env: dict[str, str],
+    cwd: Path,
+    until: str | None = None,
+    stdout: int = asyncio.subprocess.DEVNULL,
+) -> Launched:
+    """Start a server and wait (20 s at most) for its `listening on` line, and for `until` if given;
+    its stderr is read on in the background. The caller stops it (`stop()`, or kills it)."""
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stderr = process.stderr
+    assert stderr is not None
+    lines: list[str] = []
+    url = None
+    try:
+        async with asyncio.timeout(20):
+            while url is None or (until is not None and not any(until in line for line in lines)):
+                raw = await stderr.readline()
+                if not raw:
+                    raise AssertionError(
+                        f"exited with {await process.wait()} before listening:\n" + "\n".join(lines)
+                    )
+                lines.append(raw.decode(errors="replace").rstrip("\n"))
+                if url is None and (match := LISTENING.search(lines[-1])):
+                    url = match.group(1)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        raise
+
+    async def drain() -> None:
+        while raw := await stderr.readline():
+            lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    return Launched(process, url, lines, asyncio.create_task(drain()))
 
 
 @dataclass

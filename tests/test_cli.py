@@ -7,17 +7,17 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
+
+from tests.conftest import Launched, launch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "server_secure.py")
@@ -44,7 +44,6 @@ GATEWAY_VARIABLES = {
     "WATCHDOG_PID",
     "EVENT_LOOP",
 }
-LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:(\d+))")
 BEARER_LINE = re.compile(r"^\s*Authorization: Bearer (\S+)\s*$")
 
 
@@ -80,64 +79,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@dataclass
-class Server:
-    process: asyncio.subprocess.Process
-    url: str
-    lines: list[str] = field(default_factory=list)
-    drain: asyncio.Task[None] | None = None
-
-    @property
-    def stderr(self) -> str:
-        return "\n".join(self.lines)
-
-    async def stop(self, timeout: float = 15.0) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(self.process.wait(), timeout)
-        if self.drain is not None:
-            await asyncio.wait_for(self.drain, 5)
-        return code
-
-
 @contextlib.asynccontextmanager
-async def serve(*args: str, env: dict[str, str], until: str | None = None) -> AsyncIterator[Server]:
+async def serve(*args: str, env: dict[str, str], until: str | None = None) -> AsyncIterator[Launched]:
     """Start server_secure.py, wait for its `listening on` line (and `until`), stop it at the end."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        SCRIPT,
-        *args,
-        cwd=REPO,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    server = await launch(
+        [sys.executable, SCRIPT, *args], env=env, cwd=REPO, until=until, stdout=asyncio.subprocess.PIPE
     )
-    assert process.stderr is not None
-    lines: list[str] = []
-    url = None
     try:
-        async with asyncio.timeout(20):
-            while url is None or (until is not None and not any(until in line for line in lines)):
-                raw = await process.stderr.readline()
-                if not raw:
-                    raise AssertionError(
-                        f"exited with {await process.wait()} before listening:\n" + "\n".join(lines)
-                    )
-                lines.append(raw.decode().rstrip("\n"))
-                if url is None and (match := LISTENING.search(lines[-1])):
-                    url = match.group(1)
-
-        async def drain() -> None:
-            assert process.stderr is not None
-            while raw := await process.stderr.readline():
-                lines.append(raw.decode().rstrip("\n"))
-
-        server = Server(process, url, lines, asyncio.create_task(drain()))
         yield server
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        if server.process.returncode is None:
+            server.process.kill()
+            await server.process.wait()
 
 
 async def get_health(url: str, token: str | None) -> tuple[int, dict[str, str]]:

@@ -11,21 +11,20 @@ import contextlib
 import itertools
 import json
 import os
-import re
 import secrets
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from cryptography.fernet import Fernet
 
+from tests.conftest import Launched, launch, next_event
 from tests.conftest import init_message as raw_init_message
-from tests.conftest import next_event
 
 HERE = Path(__file__).parent
 FAULT_SERVER = str(HERE / "fault_server.py")
@@ -319,14 +318,10 @@ def _key(request_id: Any) -> tuple[str, Any]:
 
 
 @dataclass
-class GatewayProcess:
+class GatewayProcess(Launched):
     """`python -m mcp_sse` as production runs it, on a free loopback port."""
 
-    proc: asyncio.subprocess.Process
-    url: str
-    token: str
-    lines: list[str] = field(default_factory=list)
-    _drain: asyncio.Task[None] | None = None
+    token: str = ""
 
     @property
     def headers(self) -> dict[str, str]:
@@ -350,12 +345,9 @@ class GatewayProcess:
 
     async def wait_exit(self, timeout: float) -> int | None:
         try:
-            return await asyncio.wait_for(self.proc.wait(), timeout)
+            return await asyncio.wait_for(self.process.wait(), timeout)
         except TimeoutError:
             return None
-
-    def log(self) -> str:
-        return "".join(self.lines)
 
 
 async def start_gateway_process(
@@ -378,49 +370,10 @@ async def start_gateway_process(
         "RATE_LIMIT_MAX_REQUESTS": "100000",
         **(env or {}),
     }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mcp_sse",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--config",
-        str(config),
-        *extra_args,
-        env=environ,
-        cwd=tmp_path,  # no stray ./.env from the repository
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    lines: list[str] = []
-    url = None
-    try:
-        async with asyncio.timeout(20):
-            while url is None:
-                raw = await proc.stderr.readline()
-                if not raw:
-                    raise AssertionError("the gateway exited before listening:\n" + "".join(lines))
-                lines.append(raw.decode(errors="replace"))
-                if match := re.search(r"listening on (http://\S+)", lines[-1]):
-                    url = match.group(1)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
-    gateway = GatewayProcess(proc, url, token, lines)
-
-    async def drain() -> None:
-        assert proc.stderr is not None
-        while raw := await proc.stderr.readline():
-            lines.append(raw.decode(errors="replace"))
-
-    gateway._drain = asyncio.create_task(drain())
-    return gateway
+    argv = [sys.executable, "-m", "mcp_sse", "--host", "127.0.0.1", "--port", "0", "--config", str(config)]
+    # cwd: the test's own directory, so no stray ./.env from the repository is read.
+    launched = await launch([*argv, *extra_args], env=environ, cwd=tmp_path)
+    return GatewayProcess(**vars(launched), token=token)
 
 
 @contextlib.asynccontextmanager
@@ -433,14 +386,13 @@ async def gateway_process(
     try:
         yield gateway
     finally:
-        seen |= child_pids(gateway.proc.pid)
-        if gateway.proc.returncode is None:
-            gateway.proc.kill()
-            await gateway.proc.wait()
+        seen |= child_pids(gateway.process.pid)
+        if gateway.process.returncode is None:
+            gateway.process.kill()
+            await gateway.process.wait()
         kill_groups(seen)
-        if gateway._drain is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(gateway._drain, 5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(gateway.drain, 5)
 
 
 _counter = itertools.count(1)

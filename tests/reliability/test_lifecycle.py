@@ -70,13 +70,13 @@ async def test_sigterm_closes_streams_kills_every_group_and_exits_0(tmp_path: Pa
         await asyncio.sleep(0.3)
 
         started = time.monotonic()
-        gw.proc.send_signal(signal.SIGTERM)
+        gw.process.send_signal(signal.SIGTERM)
         code = await gw.wait_exit(GRACE + 10)
         elapsed = time.monotonic() - started
         print(
             f"[measure] SIGTERM with two calls in flight: exit {code} after {elapsed:.2f} s (grace {GRACE} s)"
         )
-        assert code == 0, gw.log()
+        assert code == 0, gw.stderr
         assert elapsed < GRACE + 5
         # Every exchange with a client ended: none is left hanging on a dead server.
         await asyncio.wait_for(asyncio.gather(*in_flight, return_exceptions=True), 2)
@@ -90,8 +90,8 @@ async def test_sigterm_closes_streams_kills_every_group_and_exits_0(tmp_path: Pa
     assert await wait_until(lambda: not any(alive(pid) for pid in everyone), 3), {
         p for p in everyone if alive(p)
     }
-    assert "shutting down" in gw.log()
-    assert "Traceback" not in gw.log()
+    assert "shutting down" in gw.stderr
+    assert "Traceback" not in gw.stderr
 
 
 async def test_sigterm_lets_in_flight_calls_finish_or_fail_explicitly(tmp_path: Path) -> None:
@@ -109,7 +109,7 @@ async def test_sigterm_lets_in_flight_calls_finish_or_fail_explicitly(tmp_path: 
         assert await legacy.post(call("long-sse", "sleep", seconds=60)) == 202
         await asyncio.sleep(0.3)
         started = time.monotonic()
-        gw.proc.send_signal(signal.SIGTERM)
+        gw.process.send_signal(signal.SIGTERM)
         (short_status, short_messages), (long_status, long_messages) = await asyncio.wait_for(
             asyncio.gather(short, long), GRACE + 2
         )
@@ -134,7 +134,7 @@ async def sigkill_and_watch(tmp_path: Path, servers: dict[str, Any]) -> tuple[di
         client = await Streamable(http, gw.url, gw.token, "/servers/f/mcp").initialize()
         pending = asyncio.create_task(client.post(call("x", "sleep", seconds=60)))
         await asyncio.sleep(0.2)
-        gw.proc.kill()
+        gw.process.kill()
         assert await gw.wait_exit(5) == -signal.SIGKILL
         await asyncio.gather(pending, return_exceptions=True)
         everyone = set().union(*tree.values())
@@ -216,7 +216,7 @@ async def test_full_restart_loses_no_configuration(tmp_path: Path) -> None:
             before = await observe(first, http, keys)
             kept = await Streamable(http, first.url, token, "/servers/sdk/mcp").initialize()
             session_id = kept.session_id
-            first.proc.send_signal(signal.SIGTERM)
+            first.process.send_signal(signal.SIGTERM)
             assert await first.wait_exit(GRACE + 12) == 0
         audit_lines = len((tmp_path / "audit.log").read_text().splitlines())
         async with gateway_process(tmp_path, servers, token=token, extra_args=args) as second:
@@ -225,7 +225,7 @@ async def test_full_restart_loses_no_configuration(tmp_path: Path) -> None:
             stale = Streamable(http, second.url, token, "/servers/sdk/mcp")
             stale.session_id = session_id
             assert (await stale.post(call(6, "echo", text="x")))[0] == 404
-            second.proc.send_signal(signal.SIGTERM)
+            second.process.send_signal(signal.SIGTERM)
             assert await second.wait_exit(GRACE + 12) == 0
     print(f"[measure] restart: configuration seen before and after: {before}")
     assert before == after

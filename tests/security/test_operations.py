@@ -24,11 +24,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import next_event
+from tests.conftest import launch, next_event
 
 REPO = Path(__file__).resolve().parents[2]
 STRONG = "Zq3-v9LmT2xW8pR4kN7bY1cH5dF0gJ6sA_eU"  # 36 varied characters
-LISTENING = re.compile(r"listening on (https?://127\.0\.0\.1:\d+)")
 
 
 def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -81,37 +80,12 @@ def test_generate_key_prints_the_secret_once_and_stores_only_its_digest(tmp_path
 
 @asynccontextmanager
 async def server(env: dict[str, str], *args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mcp_sse",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        *args,
-        cwd=REPO,
-        env=env,
-        stderr=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-    )
-    assert process.stderr is not None
-    url = None
+    argv = [sys.executable, "-m", "mcp_sse", "--host", "127.0.0.1", "--port", "0", *args]
+    launched = await launch(argv, env=env, cwd=REPO)
     try:
-        async with asyncio.timeout(20):
-            while url is None:
-                line = (await process.stderr.readline()).decode()
-                assert line, "server exited before listening"
-                if match := LISTENING.search(line):
-                    url = match.group(1)
-        drain = asyncio.create_task(process.stderr.read())
-        yield process, url
+        yield launched.process, launched.url
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), 15)
-        if url is not None:
-            drain.cancel()
+        await launched.stop()
 
 
 async def test_sighup_revokes_a_key_and_keeps_other_connections(tmp_path: Path) -> None:
