@@ -32,8 +32,6 @@ from .upstream.backend import READY_WAIT, Backend
 __all__ = ["Auditor", "Gateway", "Policy"]
 
 log = logging.getLogger("mcp_sse.gateway")
-# The validator of a tool whose schema cannot be compiled: its calls go to the backend unchecked.
-_UNCHECKED: Any = object()
 
 
 class Policy(Protocol):
@@ -92,7 +90,8 @@ class Gateway:
         self.audit = audit
         self.audit_arguments = audit_arguments
         self._schemas: dict[str, dict[str, Any]] = {}
-        self._validators: dict[str, Any] = {}
+        # None for a tool whose schema cannot be compiled: its calls go to the backend unchecked.
+        self._validators: dict[str, jsonschema_rs.Validator | None] = {}
 
     async def handle_request(self, session: Session, message: Message) -> Message:
         method: str = message["method"]
@@ -150,13 +149,14 @@ class Gateway:
             return None
         if tool not in self._schemas:
             self._schemas[tool] = schema
-        validator = self._validators.get(tool)
-        if validator is None:
+        if tool not in self._validators:
             try:
                 # Draft from $schema (2020-12 without one, as MCP says). Formats stay annotations, as
                 # most validators treat them: the backend may accept what a strict check would not.
                 # Offline: a $ref to a URL must not make the gateway fetch it.
-                validator = jsonschema_rs.validator_for(schema, validate_formats=False, offline=True)
+                self._validators[tool] = jsonschema_rs.validator_for(
+                    schema, validate_formats=False, offline=True
+                )
             except (jsonschema_rs.ValidationError, jsonschema_rs.ReferencingError, ValueError) as exc:
                 log.warning(
                     "backend %s: tool %s has an inputSchema we cannot use (%s); arguments not checked",
@@ -164,9 +164,9 @@ class Gateway:
                     tool[:100],
                     str(exc).partition("\n")[0][:200],
                 )
-                validator = _UNCHECKED
-            self._validators[tool] = validator
-        if validator is _UNCHECKED:
+                self._validators[tool] = None
+        validator = self._validators[tool]
+        if validator is None:
             return None
         try:
             error = next(validator.iter_errors(arguments), None)
