@@ -229,9 +229,15 @@ async def next_event(response: Any, timeout: float = 10.0) -> Event:
                 event.id = value
 
 
-async def next_message(response: Any, timeout: float = 10.0) -> dict[str, Any]:
-    """The next JSON-RPC message on an SSE stream, skipping keep-alives and priming events."""
+async def next_message_with_id(response: Any, timeout: float = 10.0) -> tuple[str | None, Any]:
+    """The next JSON-RPC message on an SSE stream and its event id, skipping keep-alives and
+    priming events."""
     while True:
         event = await next_event(response, timeout)
         if event.comment is None and event.data:
-            return dict(json.loads(event.data))
+            return event.id, json.loads(event.data)
+
+
+async def next_message(response: Any, timeout: float = 10.0) -> dict[str, Any]:
+    """The next JSON-RPC message on an SSE stream, skipping keep-alives and priming events."""
+    return dict((await next_message_with_id(response, timeout))[1])

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 from cryptography.fernet import Fernet
 
-from tests.conftest import Launched, launch, next_event
+from tests.conftest import Launched, launch, next_event, next_message_with_id
 from tests.conftest import init_message as raw_init_message
 
 HERE = Path(__file__).parent
@@ -153,14 +153,6 @@ def parse_sse(body: str) -> list[dict[str, Any]]:
     return messages
 
 
-async def read_message(response: aiohttp.ClientResponse, timeout: float = 10.0) -> tuple[str | None, Any]:
-    """The next JSON-RPC message on a stream and its event id."""
-    while True:
-        event = await next_event(response, timeout)
-        if event.comment is None and event.data:
-            return event.id, json.loads(event.data)
-
-
 # -- raw clients -----------------------------------------------------------------------------------
 
 
@@ -261,7 +253,7 @@ class Legacy:
         assert self.stream is not None
         try:
             while True:
-                _, message = await read_message(self.stream, timeout=3600)
+                _, message = await next_message_with_id(self.stream, timeout=3600)
                 if "method" in message:
                     self.notifications.append(message)
                 else:

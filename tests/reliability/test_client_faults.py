@@ -20,7 +20,7 @@ import pytest
 
 from mcp_sse.protocol.session import FINISHED_STREAMS_KEPT
 from mcp_sse.state import BACKENDS, SESSIONS, TASKS
-from tests.conftest import SDK_SERVER, Running, StartGateway, next_event
+from tests.conftest import SDK_SERVER, Running, StartGateway, next_event, next_message_with_id
 from tests.reliability.harness import (
     GatewayProcess,
     Legacy,
@@ -28,7 +28,6 @@ from tests.reliability.harness import (
     call,
     fault_server,
     gateway_process,
-    read_message,
     rss_mb,
     task_count,
     text_result,
@@ -88,7 +87,7 @@ async def test_disconnect_mid_request_2025_the_call_continues_and_its_answer_wai
             client.url, headers=client.headers(Accept="text/event-stream", **{"Last-Event-ID": "1-0"})
         ) as resumed:
             assert resumed.status == 200
-            event_id, answer = await read_message(resumed)
+            event_id, answer = await next_message_with_id(resumed)
         assert event_id == "1-1"
         assert answer["id"] == "late" and text_result(answer) == "slept"
         assert await client.delete() == 204
@@ -120,7 +119,7 @@ async def test_disconnect_mid_stream_resume_gets_the_rest_once(
             client.url, headers=client.headers(Accept="text/event-stream", **{"Last-Event-ID": last_id})
         ) as resumed:
             while not rest or "method" in rest[-1]:
-                rest.append((await read_message(resumed))[1])
+                rest.append((await next_message_with_id(resumed))[1])
         progress = seen + [m["params"]["progress"] for m in rest[:-1]]
         assert progress == [1, 2, 3, 4, 5]  # nothing lost, nothing repeated
         assert rest[-1]["id"] == 3 and text_result(rest[-1]) == "done 5"
@@ -201,7 +200,7 @@ async def test_slow_reader_is_cut_off_without_a_silent_gap_and_memory_stays_flat
         async def read_slowly() -> None:
             try:
                 while True:
-                    event_id, message = await read_message(stream, timeout=30)
+                    event_id, message = await next_message_with_id(stream, timeout=30)
                     received.append((event_id or "", message["params"]["n"]))
                     await asyncio.sleep(0.002)
             except EOFError:
@@ -277,7 +276,7 @@ async def test_a_new_get_stream_works_after_events_were_lost(start_gateway: Star
             await flood(client, 3, 50)  # new events, told apart by their padding
             replayed, new = [], []
             while len(new) < 3:
-                _, message = await read_message(fresh, timeout=5)
+                _, message = await next_message_with_id(fresh, timeout=5)
                 params = message["params"]
                 (new if len(params["pad"]) == 50 else replayed).append(params["n"])
         # What was still buffered, without a hole, then what happened since.

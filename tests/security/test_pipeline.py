@@ -21,7 +21,16 @@ from mcp import MCPError
 from mcp_sse.app import reload_keys
 from mcp_sse.security.keys import generate_key
 from mcp_sse.state import SESSIONS
-from tests.conftest import SDK_SERVER, Running, StartGateway, init_message, mcp_client, next_event, text_of
+from tests.conftest import (
+    SDK_SERVER,
+    SERVERS,
+    Running,
+    StartGateway,
+    init_message,
+    mcp_client,
+    next_event,
+    text_of,
+)
 
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 INIT = init_message()
@@ -194,36 +203,14 @@ async def test_arguments_are_checked_against_the_input_schema(start_gateway: Sta
         assert text_of(await client.call_tool("add", {"a": 1, "b": 2})) == "3"
 
 
-# A backend that lists the tools given as JSON in argv[1] and answers every call "reached <tool>".
-SCHEMA_SERVER = """
-import json, sys
-tools = json.loads(sys.argv[1])
-for line in sys.stdin:
-    message = json.loads(line)
-    if "id" not in message:
-        continue
-    method, params = message["method"], message.get("params") or {}
-    if method == "initialize":
-        result = {"protocolVersion": params["protocolVersion"], "capabilities": {"tools": {}},
-                  "serverInfo": {"name": "schemas", "version": "1"}}
-    elif method == "tools/list":
-        result = {"tools": tools}
-    else:
-        result = {"content": [{"type": "text", "text": "reached " + params.get("name", "")}]}
-    print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
-"""
-
-
-def schema_server(tmp_path: Path, tools: list[dict[str, Any]]) -> dict[str, Any]:
-    script = tmp_path / "schema_server.py"
-    script.write_text(SCHEMA_SERVER)
-    return {"command": sys.executable, "args": [str(script), json.dumps(tools)]}
+def schema_server(tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """A backend (tests/servers/schema_server.py) listing `tools`; every call is answered "reached <tool>"."""
+    return {"command": sys.executable, "args": [str(SERVERS / "schema_server.py"), json.dumps(tools)]}
 
 
 async def test_a_schema_ref_to_a_url_is_never_fetched_and_unusable_schemas_pass_calls_through(
     start_gateway: StartGateway,
     aiohttp_server: Any,
-    tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Attacker's side: a backend (or whoever feeds its tool list) points a schema at an internal
@@ -241,7 +228,7 @@ async def test_a_schema_ref_to_a_url_is_never_fetched_and_unusable_schemas_pass_
         {"name": "remote", "inputSchema": {"type": "object", "$ref": str(listener.make_url("/schema.json"))}},
         {"name": "broken", "inputSchema": {"type": "object", "minProperties": "none"}},
     ]
-    gw = await start_gateway({"unusable": schema_server(tmp_path, tools)})
+    gw = await start_gateway({"unusable": schema_server(tools)})
     async with mcp_client(gw.url, gw.token) as client:
         await client.list_tools()
         for _ in range(3):
@@ -252,9 +239,7 @@ async def test_a_schema_ref_to_a_url_is_never_fetched_and_unusable_schemas_pass_
     assert len(warnings) == 2, warnings  # once per tool, not once per call
 
 
-async def test_a_backtracking_pattern_cannot_stall_the_gateway(
-    start_gateway: StartGateway, tmp_path: Path
-) -> None:
+async def test_a_backtracking_pattern_cannot_stall_the_gateway(start_gateway: StartGateway) -> None:
     # Attacker's side: a schema with a catastrophic pattern, and an argument made to trip it. A
     # backtracking engine (Python's re) would take 2^40 steps here and block the event loop; the
     # validator's engine answers at once, so the call is refused and the next one goes through.
@@ -264,7 +249,7 @@ async def test_a_backtracking_pattern_cannot_stall_the_gateway(
             "inputSchema": {"type": "object", "properties": {"q": {"type": "string", "pattern": "^(a+)+$"}}},
         }
     ]
-    gw = await start_gateway({"schemas": schema_server(tmp_path, tools)})
+    gw = await start_gateway({"schemas": schema_server(tools)})
     async with mcp_client(gw.url, gw.token) as client:
         await client.list_tools()
         with pytest.raises(MCPError, match=r"Invalid params for tool 'search': q: .* does not match"):
