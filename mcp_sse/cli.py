@@ -19,17 +19,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from cryptography.fernet import Fernet
 
 from . import __version__
 from .app import build_backends, create_app, reload_keys
 from .ops import sd_notify
+from .ops.connections import AppRunner, fit_open_file_limit
 from .security.check import audit_settings
-from .security.headers import HSTS, SECURITY_HEADERS, SERVER
 from .security.ipfilter import allows_any
 from .security.keys import KeysFileError, generate_key
 from .settings import Secret, Settings, SettingsError
+from .state import AUDIT, BACKENDS
 from .upstream.config import ConfigError
 
 __all__ = ["main"]
@@ -75,58 +75,6 @@ def load_settings(args: argparse.Namespace) -> Settings:
     return Settings.load(
         {"host": args.host, "port": args.port, "servers_file": args.config}, env_file=_env_file(args.env_file)
     )
-
-
-class _RequestHandler(web.RequestHandler):
-    """aiohttp's per-connection handler, except for a request its HTTP parser refuses.
-
-    SECURITY: aiohttp answers such a request with the parser's message, which quotes the raw
-    bytes around the fault (the Authorization header and its token included), and logs those
-    bytes with a traceback at ERROR. The token would land in the log and in any proxy's, and
-    any client could fill the log with tracebacks. No middleware ever sees these requests and
-    aiohttp has no setting for them (aio-libs/aiohttp#3287), hence this subclass: a 400 that
-    quotes nothing, and one log line that names only the peer and the kind of fault.
-    """
-
-    __slots__ = ()
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if status >= 500 or not isinstance(exc, HttpProcessingError):
-            return super().handle_error(request, status, exc, message)  # a handler's failure: as aiohttp does
-        self.logger.info("refused a malformed HTTP request from %s (%s)", request.remote, type(exc).__name__)
-        # The application's on_response_prepare never runs for it: give it the same headers here.
-        headers = {**SECURITY_HEADERS, "Server": SERVER}
-        if self.transport is not None and self.transport.get_extra_info("sslcontext") is not None:
-            headers["Strict-Transport-Security"] = HSTS
-        response = web.json_response({"error": "malformed HTTP request"}, status=status, headers=headers)
-        response.force_close()  # where the next request would start is unknown
-        return response
-
-
-class _Server(web.Server):
-    """aiohttp's low-level server, serving each connection with _RequestHandler."""
-
-    def __call__(self) -> web.RequestHandler:
-        return _RequestHandler(self, loop=self._loop, **self._kwargs)  # as web.Server.__call__ does
-
-
-class _AppRunner(web.AppRunner):
-    """web.AppRunner, with _Server in place of the web.Server it builds (no public hook for it)."""
-
-    async def _make_server(self) -> web.Server:
-        built = await super()._make_server()  # starts the application, exactly as AppRunner does
-        return _Server(
-            built.request_handler,
-            request_factory=built.request_factory,
-            handler_cancellation=built.handler_cancellation,
-            **built._kwargs,  # the handler settings given to the runner, plus the app's own
-        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -279,8 +227,11 @@ async def serve(settings: Settings, env_file: Path | None = None) -> None:
     loop.add_signal_handler(signal.SIGHUP, reload)
     # Cancelling a handler when its client goes away is how an SSE stream learns of it at once;
     # work that must outlive a request runs in its own task (transport.common.spawn).
-    runner = _AppRunner(
+    children = sum(backend.max_children for backend in app[BACKENDS].values())
+    runner = AppRunner(
         app,
+        max_connections=fit_open_file_limit(settings.connection_limit, children),
+        audit=app[AUDIT],
         shutdown_timeout=settings.shutdown_grace,
         access_log=None,
         handler_cancellation=True,

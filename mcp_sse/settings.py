@@ -145,6 +145,10 @@ class Settings:
         default=16 * 1024 * 1024, metadata={"env": "MAX_MESSAGE_BYTES", "parse": _positive(int)}
     )
     max_sessions: int = field(default=1000, metadata={"env": "MAX_SESSIONS", "parse": _positive(int)})
+    # None: two per session (its stream and the connection its POSTs come on), plus 64.
+    max_connections: int | None = field(
+        default=None, metadata={"env": "MAX_CONNECTIONS", "parse": _positive(int)}
+    )
     session_idle: float = field(
         default=3600.0, metadata={"env": "MCP_SESSION_IDLE_SECONDS", "parse": _positive(float)}
     )
@@ -215,6 +219,10 @@ class Settings:
     @property
     def loopback(self) -> bool:
         return is_loopback(self.host)
+
+    @property
+    def connection_limit(self) -> int:
+        return self.max_connections or 2 * self.max_sessions + 64
 
     @property
     def tls(self) -> bool:

@@ -153,6 +153,7 @@ async def launch(
     cwd: Path,
     until: str | None = None,
     stdout: int = asyncio.subprocess.DEVNULL,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Launched:
     """Start a server and wait (20 s at most) for its `listening on` line, and for `until` if given;
     its stderr is read on in the background. The caller stops it (`stop()`, or kills it)."""
@@ -163,6 +164,7 @@ async def launch(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
+        preexec_fn=preexec_fn,
     )
     stderr = process.stderr
     assert stderr is not None

@@ -46,6 +46,8 @@ class Backend(ABC):
     server_info: dict[str, Any]
     instructions: str | None = None
     timeout: float = 60.0
+    max_children: int = 0
+    """Child processes it may run at once: each holds pipes, counted in the open-file budget."""
 
     def __init__(self) -> None:
         self._ready = asyncio.Event()
@@ -109,6 +111,7 @@ class StdioBackend(Backend):
         self.spec = spec
         self.env = {**base_env, **spec.env}
         self.name = spec.name
+        self.max_children = 1
         self.timeout = spec.timeout
         self.max_line = max_line
         self.restarts = 0

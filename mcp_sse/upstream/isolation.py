@@ -32,6 +32,7 @@ class PerSessionBackend(Backend):
         super().__init__()
         self.spec = spec
         self.name = spec.name
+        self.max_children = spec.max_sessions
         self.timeout = spec.timeout
         self.max_line = max_line
         self.base_env = dict(base_env)

@@ -1,0 +1,180 @@
+"""Below HTTP: what happens to a TCP connection before a request is read from it.
+
+Every connection is a file descriptor, and so is every pipe to a backend's child. At the usual
+soft limit of 1,024 open files (shells, and systemd's default) MAX_SESSIONS=1000 cannot be
+reached: accept() fails with EMFILE first. asyncio's own loop then logs a traceback for each
+connection waiting in the backlog and schedules a retry for each, and every retry does the same
+(a million log lines in four seconds, measured); uvloop copes, but the connections still fail
+with no answer. So running out of descriptors must not happen:
+
+* at start-up the soft limit is raised to what MAX_CONNECTIONS and the backends' children need,
+  never past the hard limit; a limit that still falls short lowers the cap, with a warning;
+* a connection over the cap is answered 503 at once and closed, before its request is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from typing import Any, Final, cast
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from ..security.audit import AuditLog
+from ..security.headers import HSTS, SECURITY_HEADERS, SERVER
+from ..security.ratelimit import LogThrottle
+
+__all__ = ["PER_CHILD", "RESERVE", "AppRunner", "fit_open_file_limit"]
+
+log = logging.getLogger("mcp_sse")
+
+RESERVE: Final = 256
+"""Descriptors kept out of the cap: listening sockets, log files, and a burst of accepts (the
+backlog is 128) that exist for a moment before the over-cap ones are closed."""
+PER_CHILD: Final = 4
+"""A backend child's stdin, stdout and stderr pipes, and one more while it is being spawned."""
+_BODY: Final = b'{"error":"too many connections; retry later"}'
+_REFUSAL: Final = (
+    "HTTP/1.1 503 Service Unavailable\r\n"
+    + "".join(f"{k}: {v}\r\n" for k, v in {**SECURITY_HEADERS, "Server": SERVER}.items())
+    + f"Retry-After: 5\r\nContent-Type: application/json\r\nContent-Length: {len(_BODY)}\r\n"
+    + "Connection: close\r\n\r\n"
+).encode() + _BODY
+
+
+def fit_open_file_limit(connections: int, children: int) -> int:
+    """Raise the soft open-file limit to fit `connections` and `children`; the connection cap
+    that fits the limit as it then is (`connections`, or fewer with a warning)."""
+    needed = connections + RESERVE + PER_CHILD * children
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return connections
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:  # a seccomp filter may refuse it; the check below still holds
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+        else:
+            log.info("open-file limit raised from %d to %d", soft, target)
+            soft = target
+    if soft >= needed:
+        return connections
+    cap = max(1, soft - RESERVE - PER_CHILD * children)
+    log.warning(
+        "the open-file limit is %d, but %d connections and %d backend processes need %d: "
+        "at most %d connections will be served at once. Raise the limit (LimitNOFILE= in the "
+        "systemd unit, ulimit -n in a shell) or lower MAX_CONNECTIONS / MAX_SESSIONS.",
+        soft,
+        connections,
+        children,
+        needed,
+        cap,
+    )
+    return cap
+
+
+class _RequestHandler(web.RequestHandler):
+    """aiohttp's per-connection handler, with two changes.
+
+    A connection over the server's cap is answered 503 and closed before anything is read.
+
+    SECURITY: for a request its HTTP parser refuses, aiohttp answers with the parser's message,
+    which quotes the raw bytes around the fault (the Authorization header and its token
+    included), and logs those bytes with a traceback at ERROR. The token would land in the log
+    and in any proxy's, and any client could fill the log with tracebacks. No middleware ever
+    sees these requests and aiohttp has no setting for them (aio-libs/aiohttp#3287): here they
+    get a 400 that quotes nothing, and one log line that names only the peer and the kind of fault.
+    """
+
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        manager = self._manager
+        if isinstance(manager, _Server) and manager.full():
+            manager.refuse(transport)
+            self.force_close()  # nothing more is read from it
+            self._manager = None  # and connection_lost() has nothing to undo
+            return
+        super().connection_made(transport)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500 or not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)  # a handler's failure: as aiohttp does
+        self.logger.info("refused a malformed HTTP request from %s (%s)", request.remote, type(exc).__name__)
+        # The application's on_response_prepare never runs for it: give it the same headers here.
+        headers = {**SECURITY_HEADERS, "Server": SERVER}
+        if self.transport is not None and self.transport.get_extra_info("sslcontext") is not None:
+            headers["Strict-Transport-Security"] = HSTS
+        response = web.json_response({"error": "malformed HTTP request"}, status=status, headers=headers)
+        response.force_close()  # where the next request would start is unknown
+        return response
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, serving each connection with _RequestHandler, at most
+    `max_connections` at once."""
+
+    def __init__(self, *args: Any, max_connections: int, audit: AuditLog | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_connections = max_connections
+        self.open = 0
+        self.audit = audit
+        self._quiet = LogThrottle(seconds=60)  # a flood of refusals is one audit line a minute
+
+    def __call__(self) -> web.RequestHandler:
+        return _RequestHandler(self, loop=self._loop, **self._kwargs)  # as web.Server.__call__ does
+
+    def full(self) -> bool:
+        return self.open >= self.max_connections
+
+    def refuse(self, transport: asyncio.BaseTransport) -> None:
+        # cast, not isinstance: uvloop's transports do not derive from asyncio's classes.
+        cast(asyncio.Transport, transport).write(_REFUSAL)
+        transport.close()  # after the write is flushed
+        if self.audit is not None and self._quiet.allow("connections"):
+            peer = transport.get_extra_info("peername")
+            self.audit.event(
+                "connection.refused",
+                None,
+                ip=peer[0] if isinstance(peer, tuple) else None,
+                reason=f"{self.max_connections} connections are open (MAX_CONNECTIONS)",
+            )
+
+    def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self.open += 1
+
+    def connection_lost(self, handler: web.RequestHandler, exc: BaseException | None = None) -> None:
+        self.open -= 1
+        super().connection_lost(handler, exc)
+
+
+class AppRunner(web.AppRunner):
+    """web.AppRunner, with _Server in place of the web.Server it builds (no public hook for it)."""
+
+    def __init__(
+        self, app: web.Application, *, max_connections: int, audit: AuditLog | None, **kwargs: Any
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self._max_connections = max_connections
+        self._audit = audit
+
+    async def _make_server(self) -> web.Server:
+        built = await super()._make_server()  # starts the application, exactly as AppRunner does
+        return _Server(
+            built.request_handler,
+            request_factory=built.request_factory,
+            handler_cancellation=built.handler_cancellation,
+            max_connections=self._max_connections,
+            audit=self._audit,
+            **built._kwargs,  # the handler settings given to the runner, plus the app's own
+        )

@@ -1,0 +1,168 @@
+"""Connections and descriptors, on real server processes with real open-file limits.
+
+The attack: open more connections than the server has file descriptors. On the code before
+the connection cap, asyncio's loop answered it with a million log lines (a traceback per
+refused accept, retried per refused accept) in four seconds, and the connections got nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import re
+import resource
+import secrets
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from mcp_sse.ops.connections import RESERVE
+from tests.conftest import Launched, launch
+
+TOKEN = secrets.token_urlsafe(32)
+LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
+
+
+def nofile(soft: int, hard: int) -> Callable[[], None]:
+    def apply() -> None:  # in the child, before exec
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    return apply
+
+
+@contextlib.asynccontextmanager
+async def gateway(
+    tmp_path: Path, *, loop: str = "asyncio", limits: tuple[int, int] | None = None, **settings: str
+) -> AsyncIterator[Launched]:
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("MAX_SESSIONS", "MAX_CONNECTIONS")},
+        "AUTH_TOKEN": TOKEN,
+        "AUDIT_LOG": "off",
+        "EVENT_LOOP": loop,
+        **settings,
+    }
+    server = await launch(
+        [sys.executable, "-m", "mcp_sse", "--port", "0"],
+        env=env,
+        cwd=tmp_path,
+        preexec_fn=None if limits is None else nofile(*limits),
+    )
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def health(url: str) -> int:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{url}/health", headers={"Authorization": f"Bearer {TOKEN}"}) as response,
+    ):
+        return response.status
+
+
+async def first_bytes(reader: asyncio.StreamReader, wait: float) -> bytes | None:
+    """What the server sends unasked before closing the connection; None if it is still open
+    after `wait` seconds (it waits for a request)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(wait):
+            return await reader.read()
+    return None
+
+
+async def close_all(connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]) -> None:
+    for _, writer in connections:
+        writer.close()
+    for _, writer in connections:
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def soft_limit(pid: int) -> int:
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    match = re.search(r"^Max open files\s+(\d+)", limits, re.M)
+    assert match is not None, limits
+    return int(match.group(1))
+
+
+@pytest.fixture(autouse=True)
+def _room_for_the_test_itself() -> None:
+    """The tests open up to 700 sockets of their own."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard), hard))
+
+
+async def test_the_open_file_limit_is_raised_to_fit_max_sessions(tmp_path: Path) -> None:
+    async with gateway(tmp_path, limits=(256, 8192), MAX_SESSIONS="1000") as server:
+        needed = 2 * 1000 + 64 + RESERVE
+        assert soft_limit(server.process.pid) == needed
+        assert f"open-file limit raised from 256 to {needed}" in server.stderr
+        assert await health(server.url) == 200
+
+
+async def test_a_limit_already_high_enough_is_left_alone(tmp_path: Path) -> None:
+    async with gateway(tmp_path, limits=(4096, 8192), MAX_SESSIONS="10") as server:
+        assert soft_limit(server.process.pid) == 4096
+        assert "open-file limit" not in server.stderr
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+async def test_a_connection_over_the_cap_gets_503_and_the_server_recovers(tmp_path: Path, loop: str) -> None:
+    async with gateway(tmp_path, loop=loop, MAX_CONNECTIONS="8") as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        held = [await asyncio.open_connection(host, int(port)) for _ in range(8)]
+        refused = [await asyncio.open_connection(host, int(port)) for _ in range(5)]
+        answers = await asyncio.gather(*(first_bytes(reader, 5) for reader, _ in refused))
+        for answer in answers:
+            assert answer is not None
+            head, _, body = answer.partition(b"\r\n\r\n")
+            head += b"\r\n"
+            assert head.startswith(b"HTTP/1.1 503 "), answer[:200]
+            assert b"\r\nRetry-After: 5\r\n" in head and b"\r\nConnection: close\r\n" in head
+            assert b"\r\nX-Content-Type-Options: nosniff\r\n" in head
+            assert body == b'{"error":"too many connections; retry later"}'
+        # The connections under the cap were left alone: nothing was sent on them.
+        assert await first_bytes(held[0][0], 0.5) is None
+        await close_all(held + refused)
+        await asyncio.sleep(0.5)  # the server sees the closes
+        assert await health(server.url) == 200
+        await asyncio.sleep(0.2)
+        refusals = [line for line in server.lines if '"event": "connection.refused"' in line]
+        assert len(refusals) == 1, refusals  # five refusals, one line: a flood is not a log flood
+        assert '"reason": "8 connections are open (MAX_CONNECTIONS)"' in refusals[0]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+async def test_a_flood_past_the_descriptor_limit_neither_floods_the_log_nor_stops_the_server(
+    tmp_path: Path, loop: str
+) -> None:
+    # 600 descriptors at most: MAX_SESSIONS=1000 needs 2,320, so the cap becomes 600 - RESERVE.
+    async with gateway(tmp_path, loop=loop, limits=(400, 600), MAX_SESSIONS="1000") as server:
+        cap = 600 - RESERVE
+        assert "open-file limit raised from 400 to 600" in server.stderr
+        assert f"at most {cap} connections will be served at once" in server.stderr
+        assert "LimitNOFILE=" in server.stderr
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        flood = []
+        for _ in range(14):
+            # In bursts that fit the listen backlog (128): past it, the kernel holds a handshake back
+            # for seconds, and the count below would depend on that timing, not on the server.
+            flood += await asyncio.gather(*(asyncio.open_connection(host, int(port)) for _ in range(50)))
+            await asyncio.sleep(0.05)
+        answers = await asyncio.gather(*(first_bytes(reader, 5) for reader, _ in flood))
+        waiting = answers.count(None)  # open, waiting for a request
+        refused = sum(a is not None and a.startswith(b"HTTP/1.1 503 ") for a in answers)
+        assert (waiting, refused) == (cap, 700 - cap)
+        await close_all(flood)
+        await asyncio.sleep(1.5)  # longer than asyncio's 1 s accept retry
+        assert await health(server.url) == 200
+        assert server.process.returncode is None
+    assert "Traceback" not in server.stderr
+    assert "out of system resource" not in server.stderr
+    assert len(server.lines) < 20, server.lines[:20]
