@@ -52,6 +52,10 @@ class AggregateBackend(Backend):
     async def wait_ready(self, timeout: float) -> bool:  # noqa: ASYNC109 - a bound, not a cancel scope
         """Wait for every backend (a failed one does not hold the others up), then merge what they offer."""
         await asyncio.gather(*(b.wait_ready(timeout) for b in self.backends.values()))
+        self._merge_capabilities()
+        return True
+
+    def _merge_capabilities(self) -> None:
         merged: dict[str, Any] = {}
         for backend in self.backends.values():
             for key, value in backend.capabilities.items():
@@ -60,7 +64,18 @@ class AggregateBackend(Backend):
                 else:
                     merged.setdefault(key, value)
         self.capabilities = merged
-        return True
+
+    async def open_session(self, session: Session) -> str | None:
+        """Each backend prepares for the session (a per-session one starts its child). One that
+        refuses (all its children in use, or its child failed) is left out for this session, as
+        a backend that is down is: the others still serve it."""
+        names = list(self.backends)
+        problems = await asyncio.gather(*(self.backends[n].open_session(session) for n in names))
+        for name, problem in zip(names, problems, strict=True):
+            if problem is not None:
+                log.warning("session %s: backend %s left out: %s", session.id[:8], name, problem)
+        self._merge_capabilities()  # a per-session backend knows what it offers once a child ran
+        return None
 
     def split(self, name: str) -> tuple[str, str] | None:
         backend, sep, rest = name.partition(self.separator)

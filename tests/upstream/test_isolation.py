@@ -62,6 +62,33 @@ async def test_the_cap_refuses_the_next_session_clearly(start_gateway: StartGate
         assert text_of(await later.call_tool("echo", {"text": "3"})) == "3"
 
 
+async def test_a_per_session_backend_beside_a_shared_one_serves_at_the_aggregate_root(
+    start_gateway: StartGateway,
+) -> None:
+    # Before, the aggregate never asked its backends to prepare a session: every call to a
+    # per-session backend there failed with "no child for this session", and its tools were never listed.
+    gw = await start_gateway({"iso": {**PER_SESSION, "max_sessions": 1}, "shared": SDK_SERVER})
+    async with mcp_client(gw.url, gw.token) as one, mcp_client(gw.url, gw.token, transport="sse") as two:
+        names = {tool.name for tool in (await one.list_tools()).tools}
+        assert {"iso__pid", "shared__pid"} <= names
+        assert text_of(await one.call_tool("iso__echo", {"text": "mine"})) == "mine"
+        shared_pid = int(text_of(await one.call_tool("shared__pid", {})))
+        assert alive(int(text_of(await one.call_tool("iso__pid", {}))))
+        assert (await children(gw))["children"] == 1
+        # The only child is taken: the second session is served by the shared backend alone.
+        assert int(text_of(await two.call_tool("shared__pid", {}))) == shared_pid
+        listed = await two.list_tools()
+        assert "iso__pid" not in {tool.name for tool in listed.tools}
+        assert "iso" in json.dumps((listed.meta or {}).get("io.github.mcp-sse/unavailable"))
+        with pytest.raises(Exception, match="no child for this session"):
+            await two.call_tool("iso__pid", {})
+    for _ in range(100):
+        if (await children(gw))["children"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (await children(gw))["children"] == 0
+
+
 async def test_headers_reach_only_their_own_child(start_gateway: StartGateway) -> None:
     gw = await start_gateway({"iso": {**PER_SESSION, "env_from_headers": {"X-User-Token": "USER_TOKEN"}}})
     import httpx2
