@@ -26,7 +26,7 @@ from .app import build_backends, create_app, reload_keys
 from .ops import sd_notify
 from .ops.connections import AppRunner, fit_open_file_limit
 from .security.check import audit_settings
-from .security.ipfilter import allows_any
+from .security.ipfilter import allows_any, connection_gate
 from .security.keys import KeysFileError, generate_key
 from .settings import Secret, Settings, SettingsError
 from .state import AUDIT, BACKENDS
@@ -231,6 +231,7 @@ async def serve(settings: Settings, env_file: Path | None = None) -> None:
     runner = AppRunner(
         app,
         max_connections=fit_open_file_limit(settings.connection_limit, children),
+        gate=connection_gate(settings.allowed_ips, settings.trusted_proxies),
         audit=app[AUDIT],
         shutdown_timeout=settings.shutdown_grace,
         access_log=None,

@@ -10,11 +10,16 @@ with no answer. So running out of descriptors must not happen:
 * at start-up the soft limit is raised to what MAX_CONNECTIONS and the backends' children need,
   never past the hard limit; a limit that still falls short lowers the cap, with a warning;
 * a connection over the cap is answered 503 at once and closed, before its request is read.
+
+The IP allowlist is applied here too, to the socket's peer (an allowed address, or a trusted
+proxy): a connection from anywhere else is answered 403 and closed at once, so it can hold
+neither a descriptor nor a place under the cap while its headers are awaited.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import resource
 from typing import Any, Final, cast
@@ -23,8 +28,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..security.audit import AuditLog
+from ..security.client_ip import peer_address
 from ..security.headers import HSTS, SECURITY_HEADERS, SERVER
-from ..security.ratelimit import LogThrottle
+from ..security.ipfilter import DENIED, Allowlist
+from ..security.ratelimit import LogThrottle, address_key
 
 __all__ = ["PER_CHILD", "RESERVE", "AppRunner", "fit_open_file_limit"]
 
@@ -35,13 +42,20 @@ RESERVE: Final = 256
 backlog is 128) that exist for a moment before the over-cap ones are closed."""
 PER_CHILD: Final = 4
 """A backend child's stdin, stdout and stderr pipes, and one more while it is being spawned."""
-_BODY: Final = b'{"error":"too many connections; retry later"}'
-_REFUSAL: Final = (
-    "HTTP/1.1 503 Service Unavailable\r\n"
-    + "".join(f"{k}: {v}\r\n" for k, v in {**SECURITY_HEADERS, "Server": SERVER}.items())
-    + f"Retry-After: 5\r\nContent-Type: application/json\r\nContent-Length: {len(_BODY)}\r\n"
-    + "Connection: close\r\n\r\n"
-).encode() + _BODY
+
+
+def _answer(status: str, error: str, *headers: str) -> bytes:
+    """A whole HTTP response, written to a connection before any request was read from it."""
+    body = json.dumps({"error": error}).encode()
+    lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in {**SECURITY_HEADERS, "Server": SERVER}.items())]
+    lines += [*headers, "Content-Type: application/json", f"Content-Length: {len(body)}", "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+_UNAVAILABLE: Final = _answer(
+    "503 Service Unavailable", "too many connections; retry later", "Retry-After: 5"
+)
+_FORBIDDEN: Final = _answer("403 Forbidden", DENIED)
 
 
 def fit_open_file_limit(connections: int, children: int) -> int:
@@ -93,8 +107,7 @@ class _RequestHandler(web.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         manager = self._manager
-        if isinstance(manager, _Server) and manager.full():
-            manager.refuse(transport)
+        if isinstance(manager, _Server) and manager.refused(transport):
             self.force_close()  # nothing more is read from it
             self._manager = None  # and connection_lost() has nothing to undo
             return
@@ -123,31 +136,50 @@ class _Server(web.Server):
     """aiohttp's low-level server, serving each connection with _RequestHandler, at most
     `max_connections` at once."""
 
-    def __init__(self, *args: Any, max_connections: int, audit: AuditLog | None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        max_connections: int,
+        gate: Allowlist | None,
+        audit: AuditLog | None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.max_connections = max_connections
+        self.gate = gate
         self.open = 0
         self.audit = audit
-        self._quiet = LogThrottle(seconds=60)  # a flood of refusals is one audit line a minute
+        self._quiet = LogThrottle(seconds=60)  # a flood of refusals is not a flood of audit lines
 
     def __call__(self) -> web.RequestHandler:
         return _RequestHandler(self, loop=self._loop, **self._kwargs)  # as web.Server.__call__ does
 
-    def full(self) -> bool:
-        return self.open >= self.max_connections
+    def refused(self, transport: asyncio.BaseTransport) -> bool:
+        """Answer and close a connection from outside the allowlist, or over the cap: True if so."""
+        if self.gate is not None:
+            peer = peer_address(transport.get_extra_info("peername"))
+            if peer is None or not self.gate.admits(peer):
+                self._answer(transport, _FORBIDDEN)
+                if peer is not None and self._quiet.allow(address_key(peer)):
+                    self._audit("ip.denied", ip=str(peer), reason="refused when it connected")
+                return True
+        if self.open < self.max_connections:
+            return False
+        self._answer(transport, _UNAVAILABLE)
+        if self._quiet.allow("connections"):
+            peer = peer_address(transport.get_extra_info("peername"))
+            reason = f"{self.max_connections} connections are open (MAX_CONNECTIONS)"
+            self._audit("connection.refused", ip=None if peer is None else str(peer), reason=reason)
+        return True
 
-    def refuse(self, transport: asyncio.BaseTransport) -> None:
+    def _answer(self, transport: asyncio.BaseTransport, response: bytes) -> None:
         # cast, not isinstance: uvloop's transports do not derive from asyncio's classes.
-        cast(asyncio.Transport, transport).write(_REFUSAL)
+        cast(asyncio.Transport, transport).write(response)
         transport.close()  # after the write is flushed
-        if self.audit is not None and self._quiet.allow("connections"):
-            peer = transport.get_extra_info("peername")
-            self.audit.event(
-                "connection.refused",
-                None,
-                ip=peer[0] if isinstance(peer, tuple) else None,
-                reason=f"{self.max_connections} connections are open (MAX_CONNECTIONS)",
-            )
+
+    def _audit(self, event: str, **fields: str | None) -> None:
+        if self.audit is not None:
+            self.audit.event(event, None, **fields)
 
     def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
@@ -162,10 +194,17 @@ class AppRunner(web.AppRunner):
     """web.AppRunner, with _Server in place of the web.Server it builds (no public hook for it)."""
 
     def __init__(
-        self, app: web.Application, *, max_connections: int, audit: AuditLog | None, **kwargs: Any
+        self,
+        app: web.Application,
+        *,
+        max_connections: int,
+        gate: Allowlist | None = None,
+        audit: AuditLog | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self._max_connections = max_connections
+        self._gate = gate
         self._audit = audit
 
     async def _make_server(self) -> web.Server:
@@ -175,6 +214,7 @@ class AppRunner(web.AppRunner):
             request_factory=built.request_factory,
             handler_cancellation=built.handler_cancellation,
             max_connections=self._max_connections,
+            gate=self._gate,
             audit=self._audit,
             **built._kwargs,  # the handler settings given to the runner, plus the app's own
         )

@@ -22,7 +22,15 @@ from aiohttp.typedefs import Handler, Middleware
 
 from ..state import CLIENT_IP, SECURE, IPAddress
 
-__all__ = ["IPNetwork", "client_ip_middleware", "normalise", "parse_forwarded_for", "parse_network"]
+__all__ = [
+    "IPNetwork",
+    "client_ip_middleware",
+    "normalise",
+    "parse_forwarded_for",
+    "parse_network",
+    "parse_proxies",
+    "peer_address",
+]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -90,10 +98,7 @@ def parse_forwarded_for(peer: IPAddress, values: Sequence[str], trusted: Sequenc
 
 def _peer(request: web.Request) -> IPAddress | None:
     transport = request.transport
-    peername = transport.get_extra_info("peername") if transport is not None else None
-    if not isinstance(peername, (tuple, list)) or not peername:
-        return None  # connection already gone, or a UNIX socket
-    return _parse_peer(str(peername[0]))
+    return peer_address(transport.get_extra_info("peername") if transport is not None else None)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -104,7 +109,15 @@ def _parse_peer(host: str) -> IPAddress | None:
         return None
 
 
-def client_ip_middleware(*, trusted_proxies: Sequence[str]) -> Middleware:
+def peer_address(peername: object) -> IPAddress | None:
+    """The address in a transport's `peername`; None for a UNIX socket or a connection gone."""
+    if not isinstance(peername, (tuple, list)) or not peername:
+        return None
+    return _parse_peer(str(peername[0]))
+
+
+def parse_proxies(trusted_proxies: Sequence[str]) -> tuple[IPNetwork, ...]:
+    """TRUSTED_PROXIES as networks; ValueError for an entry that would let anyone forge an address."""
     if isinstance(trusted_proxies, str):
         raise ValueError("trusted_proxies must be a list of IPs/CIDRs, not one string")
     trusted: list[IPNetwork] = []
@@ -120,7 +133,11 @@ def client_ip_middleware(*, trusted_proxies: Sequence[str]) -> Middleware:
                 "list the proxies' addresses or subnets"
             )
         trusted.append(network)
-    proxies = tuple(trusted)
+    return tuple(trusted)
+
+
+def client_ip_middleware(*, trusted_proxies: Sequence[str]) -> Middleware:
+    proxies = parse_proxies(trusted_proxies)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:

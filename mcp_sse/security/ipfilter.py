@@ -16,10 +16,10 @@ from aiohttp.typedefs import Handler, Middleware
 
 from ..state import CLIENT_IP, IPAddress
 from .audit import AuditLog
-from .client_ip import IPNetwork, normalise, parse_network
+from .client_ip import IPNetwork, normalise, parse_network, parse_proxies
 from .ratelimit import LogThrottle, address_key
 
-__all__ = ["ANY", "allows_any", "ip_allowlist_middleware"]
+__all__ = ["ANY", "DENIED", "Allowlist", "allows_any", "connection_gate", "ip_allowlist_middleware"]
 
 # What people write to mean "everyone". 0.0.0.0/0 alone would leave out IPv6 clients, which is
 # never what is meant, so it is read as "any" too.
@@ -43,17 +43,32 @@ def _parse(allowed: Sequence[str]) -> tuple[IPNetwork, ...]:
     return tuple(parse_network(entry, setting="ALLOWED_IPS") for entry in entries if entry not in ANY)
 
 
-def ip_allowlist_middleware(*, allowed: Sequence[str], audit: AuditLog) -> Middleware:
-    networks = _parse(allowed)  # every entry is validated, even when another one is "*"
-    open_to_all = allows_any(allowed)
-    throttle = LogThrottle()  # a scanner's every request is not worth a line each
+class Allowlist:
+    """Networks an address must be in; `open_to_all` when the list says anyone."""
 
-    # The list is fixed for the process's life and ipaddress' containment test is slow Python:
-    # one verdict per address, for the few addresses a deployment sees.
-    @functools.lru_cache(maxsize=4096)
-    def admitted(ip: IPAddress) -> bool:
+    def __init__(self, allowed: Sequence[str], *, also: Sequence[IPNetwork] = ()) -> None:
+        self.networks = (*_parse(allowed), *also)  # every entry is validated, even beside a "*"
+        self.open_to_all = allows_any(allowed)
+        # The list is fixed for the process's life and ipaddress' containment test is slow Python:
+        # one verdict per address, for the few addresses a deployment sees.
+        self.admits = functools.lru_cache(maxsize=4096)(self._admits)
+
+    def _admits(self, ip: IPAddress) -> bool:
         address = normalise(ip)
-        return any(address in net for net in networks)
+        return self.open_to_all or any(address in net for net in self.networks)
+
+
+def connection_gate(allowed: Sequence[str], trusted_proxies: Sequence[str]) -> Allowlist | None:
+    """Who may hold a TCP connection at all: an allowed address, or a proxy that forwards for
+    one (its clients are checked per request); None when anyone may."""
+    gate = Allowlist(allowed, also=parse_proxies(trusted_proxies))
+    return None if gate.open_to_all else gate
+
+
+def ip_allowlist_middleware(*, allowed: Sequence[str], audit: AuditLog) -> Middleware:
+    allowlist = Allowlist(allowed)
+    open_to_all, admitted = allowlist.open_to_all, allowlist.admits
+    throttle = LogThrottle()  # a scanner's every request is not worth a line each
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -126,7 +126,7 @@ async def test_a_connection_over_the_cap_gets_503_and_the_server_recovers(tmp_pa
             assert head.startswith(b"HTTP/1.1 503 "), answer[:200]
             assert b"\r\nRetry-After: 5\r\n" in head and b"\r\nConnection: close\r\n" in head
             assert b"\r\nX-Content-Type-Options: nosniff\r\n" in head
-            assert body == b'{"error":"too many connections; retry later"}'
+            assert body == b'{"error": "too many connections; retry later"}'
         # The connections under the cap were left alone: nothing was sent on them.
         assert await first_bytes(held[0][0], 0.5) is None
         await close_all(held + refused)
@@ -166,3 +166,38 @@ async def test_a_flood_past_the_descriptor_limit_neither_floods_the_log_nor_stop
     assert "Traceback" not in server.stderr
     assert "out of system resource" not in server.stderr
     assert len(server.lines) < 20, server.lines[:20]
+
+
+async def test_an_address_outside_the_allowlist_is_refused_when_it_connects(tmp_path: Path) -> None:
+    # Only 127.0.0.2 may connect; 127.0.0.1, the attacker here, fills what it can with idle sockets.
+    async with gateway(tmp_path, ALLOWED_IPS="127.0.0.2", MAX_CONNECTIONS="4") as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        outsiders = [await asyncio.open_connection(host, int(port)) for _ in range(10)]
+        answers = await asyncio.gather(*(first_bytes(reader, 5) for reader, _ in outsiders))
+        for answer in answers:  # answered at once, before sending a byte: no slot is held
+            assert answer is not None and answer.startswith(b"HTTP/1.1 403 Forbidden\r\n"), answer
+            assert answer.endswith(b'{"error": "Access denied: your address is not allowed"}')
+        insiders = [
+            await asyncio.open_connection(host, int(port), local_addr=("127.0.0.2", 0)) for _ in range(4)
+        ]
+        assert await first_bytes(insiders[0][0], 0.5) is None  # admitted: it waits for a request
+        reader, writer = insiders[0]
+        writer.write(f"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200 ")
+        await close_all(outsiders + insiders)
+        await asyncio.sleep(0.2)
+    denials = [line for line in server.lines if '"event": "ip.denied"' in line]
+    assert len(denials) == 1, denials  # ten refusals from one address, one line
+    assert '"ip": "127.0.0.1"' in denials[0]
+
+
+async def test_a_trusted_proxy_may_connect_and_its_clients_are_checked_per_request(tmp_path: Path) -> None:
+    settings = {"ALLOWED_IPS": "198.51.100.7", "TRUSTED_PROXIES": "127.0.0.1"}
+    async with gateway(tmp_path, **settings) as server, aiohttp.ClientSession() as http:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        allowed = {**auth, "X-Forwarded-For": "198.51.100.7"}
+        async with http.get(f"{server.url}/health", headers=allowed) as response:
+            assert response.status == 200
+        outside = {**auth, "X-Forwarded-For": "203.0.113.9"}
+        async with http.get(f"{server.url}/health", headers=outside) as response:
+            assert response.status == 403
