@@ -24,7 +24,7 @@ from cryptography.fernet import Fernet
 from . import __version__
 from .app import build_backends, create_app, reload_keys
 from .ops import sd_notify
-from .ops.connections import AppRunner, fit_open_file_limit
+from .ops.connections import BACKLOG, AppRunner, fit_open_file_limit, quiet_accept_errors
 from .security.check import audit_settings
 from .security.ipfilter import allows_any, connection_gate
 from .security.keys import KeysFileError, generate_key
@@ -227,6 +227,7 @@ async def serve(settings: Settings, env_file: Path | None = None) -> None:
     loop.add_signal_handler(signal.SIGHUP, reload)
     # Cancelling a handler when its client goes away is how an SSE stream learns of it at once;
     # work that must outlive a request runs in its own task (transport.common.spawn).
+    quiet_accept_errors(loop)
     children = sum(backend.max_children for backend in app[BACKENDS].values())
     runner = AppRunner(
         app,
@@ -242,7 +243,9 @@ async def serve(settings: Settings, env_file: Path | None = None) -> None:
     watchdog = None
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True, ssl_context=tls)
+        site = web.TCPSite(
+            runner, settings.host, settings.port, reuse_address=True, ssl_context=tls, backlog=BACKLOG
+        )
         await site.start()
         host, port = runner.addresses[0][:2]
         shown = f"[{host}]" if ":" in host else host

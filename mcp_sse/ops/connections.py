@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import resource
 from typing import Any, Final, cast
 
@@ -33,13 +34,18 @@ from ..security.headers import HSTS, SECURITY_HEADERS, SERVER
 from ..security.ipfilter import DENIED, Allowlist
 from ..security.ratelimit import LogThrottle, address_key
 
-__all__ = ["PER_CHILD", "RESERVE", "AppRunner", "fit_open_file_limit"]
+__all__ = ["BACKLOG", "PER_CHILD", "RESERVE", "AppRunner", "fit_open_file_limit", "quiet_accept_errors"]
 
 log = logging.getLogger("mcp_sse")
 
-RESERVE: Final = 256
-"""Descriptors kept out of the cap: listening sockets, log files, and a burst of accepts (the
-backlog is 128) that exist for a moment before the over-cap ones are closed."""
+BACKLOG: Final = 128
+"""aiohttp's listen backlog: asyncio accepts up to this many connections per loop turn."""
+RESERVE: Final = 4 * BACKLOG + 64
+"""Descriptors kept out of the cap, beyond those open at start: log files, and the connections
+a flood has accepted but not yet seen closed. A refused connection is closed about three loop
+turns after its accept, and each turn may accept a backlog's worth."""
+MIN_CAP: Final = 2
+"""A legacy SSE session needs two connections: its stream, and the one its POSTs come on."""
 PER_CHILD: Final = 4
 """A backend child's stdin, stdout and stderr pipes, and one more while it is being spawned."""
 
@@ -61,7 +67,8 @@ _FORBIDDEN: Final = _answer("403 Forbidden", DENIED)
 def fit_open_file_limit(connections: int, children: int) -> int:
     """Raise the soft open-file limit to fit `connections` and `children`; the connection cap
     that fits the limit as it then is (`connections`, or fewer with a warning)."""
-    needed = connections + RESERVE + PER_CHILD * children
+    in_use = len(os.listdir("/proc/self/fd"))  # what the process already holds
+    needed = in_use + connections + RESERVE + PER_CHILD * children
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return connections
@@ -76,7 +83,12 @@ def fit_open_file_limit(connections: int, children: int) -> int:
             soft = target
     if soft >= needed:
         return connections
-    cap = max(1, soft - RESERVE - PER_CHILD * children)
+    cap = soft - in_use - RESERVE - PER_CHILD * children
+    if cap < MIN_CAP:
+        raise OSError(
+            f"the open-file limit is {soft}, too low to serve anything: {needed} is what "
+            f"MAX_CONNECTIONS={connections} needs. Raise it (LimitNOFILE=, ulimit -n)."
+        )
     log.warning(
         "the open-file limit is %d, but %d connections and %d backend processes need %d: "
         "at most %d connections will be served at once. Raise the limit (LimitNOFILE= in the "
@@ -88,6 +100,21 @@ def fit_open_file_limit(connections: int, children: int) -> int:
         cap,
     )
     return cap
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Should the descriptors run out anyway, asyncio's loop reports every accept() it cannot
+    make, with a traceback, as often as a flood retries: make that one line a minute."""
+    quiet = LogThrottle(seconds=60)
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") == "socket.accept() out of system resource":
+            if quiet.allow("accept"):
+                log.warning("cannot accept connections: %s", context.get("exception"))
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 class _RequestHandler(web.RequestHandler):

@@ -70,8 +70,16 @@ class AggregateBackend(Backend):
         refuses (all its children in use, or its child failed) is left out for this session, as
         a backend that is down is: the others still serve it."""
         names = list(self.backends)
-        problems = await asyncio.gather(*(self.backends[n].open_session(session) for n in names))
+        try:
+            problems = await asyncio.gather(
+                *(self.backends[n].open_session(session) for n in names), return_exceptions=True
+            )
+        except BaseException:  # cancelled (the client left): no child may outlive the attempt
+            self.detach(session)
+            raise
         for name, problem in zip(names, problems, strict=True):
+            if isinstance(problem, BaseException):
+                self.backends[name].detach(session)  # whatever it had started for the session
             if problem is not None:
                 log.warning("session %s: backend %s left out: %s", session.id[:8], name, problem)
         self._merge_capabilities()  # a per-session backend knows what it offers once a child ran

@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,7 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from tests.conftest import SDK_SERVER, launch, mcp_client, text_of
-from tests.ops.test_connections import LOOPS
+from tests.ops.test_connections import LOOPS, nofile
 from tests.test_systemd_unit import UNIT, directives
 
 STRACE, ANALYZE = shutil.which("strace"), shutil.which("systemd-analyze")
@@ -73,7 +74,10 @@ async def serve_a_workload(tmp_path: Path, loop: str, trace: Path) -> None:
     env = {**os.environ, "AUTH_TOKEN": TOKEN, "EVENT_LOOP": loop, "AUDIT_LOG": str(tmp_path / "audit.log")}
     assert STRACE is not None
     argv = [STRACE, "-f", "-qq", "-o", str(trace), sys.executable, "-m", "mcp_sse", "--port", "0"]
-    traced = await launch([*argv, "--config", str(servers)], env=env, cwd=tmp_path)
+    # A soft limit below what the settings need, as under systemd: the raise is traced too.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    limits = nofile(1024, hard) if hard == resource.RLIM_INFINITY or hard >= 8192 else None
+    traced = await launch([*argv, "--config", str(servers)], env=env, cwd=tmp_path, preexec_fn=limits)
     try:
         children = Path(f"/proc/{traced.process.pid}/task/{traced.process.pid}/children").read_text()
         server_pid = int(children.split()[0])
@@ -90,6 +94,7 @@ async def serve_a_workload(tmp_path: Path, loop: str, trace: Path) -> None:
                 break
             await asyncio.sleep(0.1)
         assert '"keys.reload"' in traced.stderr
+        assert limits is None or "open-file limit raised from 1024" in traced.stderr
         os.kill(server_pid, signal.SIGTERM)
         assert await traced.stop(timeout=30) == 0  # strace exits with the server's own code
     finally:
