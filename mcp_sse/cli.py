@@ -233,6 +233,8 @@ async def serve(settings: Settings, env_file: Path | None = None) -> None:
         app,
         max_connections=fit_open_file_limit(settings.connection_limit, children),
         gate=connection_gate(settings.allowed_ips, settings.trusted_proxies),
+        tls=tls,
+        handshake_timeout=settings.header_timeout,
         audit=app[AUDIT],
         shutdown_timeout=settings.shutdown_grace,
         access_log=None,
@@ -244,7 +246,11 @@ async def serve(settings: Settings, env_file: Path | None = None) -> None:
     try:
         await runner.setup()
         site = web.TCPSite(
-            runner, settings.host, settings.port, reuse_address=True, ssl_context=tls, backlog=BACKLOG
+            runner,
+            settings.host,
+            settings.port,
+            reuse_address=True,
+            backlog=BACKLOG,  # TLS: the runner's
         )
         await site.start()
         host, port = runner.addresses[0][:2]

@@ -14,6 +14,10 @@ with no answer. So running out of descriptors must not happen:
 The IP allowlist is applied here too, to the socket's peer (an allowed address, or a trusted
 proxy): a connection from anywhere else is answered 403 and closed at once, so it can hold
 neither a descriptor nor a place under the cap while its headers are awaited.
+
+With native TLS the site listens in plain TCP and each connection is screened first, then
+upgraded (`loop.start_tls`): a TLS site would do the handshake before handing the connection
+over, so a socket that never said hello would be neither counted nor checked.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import logging
 import os
 import resource
+import ssl
 from typing import Any, Final, cast
 
 from aiohttp import web
@@ -118,9 +123,10 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
 
 
 class _RequestHandler(web.RequestHandler):
-    """aiohttp's per-connection handler, with two changes.
+    """aiohttp's per-connection handler, with three changes.
 
-    A connection over the server's cap is answered 503 and closed before anything is read.
+    A connection from outside the allowlist, or over the server's cap, is answered and closed
+    before anything is read. Under TLS, the handshake comes after that, and then this handler.
 
     SECURITY: for a request its HTTP parser refuses, aiohttp answers with the parser's message,
     which quotes the raw bytes around the fault (the Authorization header and its token
@@ -134,11 +140,28 @@ class _RequestHandler(web.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         manager = self._manager
-        if isinstance(manager, _Server) and manager.refused(transport):
-            self.force_close()  # nothing more is read from it
-            self._manager = None  # and connection_lost() has nothing to undo
-            return
+        if isinstance(manager, _Server):
+            if manager.refused(transport):
+                self.force_close()  # nothing more is read from it
+                self._manager = None  # and connection_lost() has nothing to undo
+                return
+            if manager.tls is not None:
+                tcp = cast(asyncio.Transport, transport)
+                tcp.pause_reading()  # nothing may reach aiohttp before the handshake
+                manager.upgrade(self, tcp, manager.tls)
+                return
         super().connection_made(transport)
+
+    def take_over(self, transport: asyncio.BaseTransport, early: _Early) -> None:
+        """Serve `transport` (TLS now), with whatever arrived while the handshake ended."""
+        transport.set_protocol(self)
+        super().connection_made(transport)
+        for data in early.data:
+            self.data_received(data)
+        if early.eof:
+            self.eof_received()
+        if early.lost:
+            self.connection_lost(early.lost[0])
 
     def handle_error(
         self,
@@ -159,6 +182,26 @@ class _RequestHandler(web.RequestHandler):
         return response
 
 
+class _Early(asyncio.Protocol):
+    """Holds what the TLS layer delivers between the end of the handshake and aiohttp's handler
+    taking the connection over (TLS 1.3 clients send their request right behind it)."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.eof = False
+        self.lost: list[BaseException | None] = []
+
+    def data_received(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # the handler decides, once it has the connection
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost.append(exc)
+
+
 class _Server(web.Server):
     """aiohttp's low-level server, serving each connection with _RequestHandler, at most
     `max_connections` at once."""
@@ -169,12 +212,17 @@ class _Server(web.Server):
         max_connections: int,
         gate: Allowlist | None,
         audit: AuditLog | None,
+        tls: ssl.SSLContext | None,
+        handshake_timeout: float,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.max_connections = max_connections
         self.gate = gate
-        self.open = 0
+        self.tls = tls
+        self.handshake_timeout = handshake_timeout
+        self.open = 0  # connections aiohttp serves, and those still in their TLS handshake
+        self._handshakes: set[asyncio.Task[None]] = set()
         self.audit = audit
         self._quiet = LogThrottle(seconds=60)  # a flood of refusals is not a flood of audit lines
 
@@ -200,9 +248,40 @@ class _Server(web.Server):
         return True
 
     def _answer(self, transport: asyncio.BaseTransport, response: bytes) -> None:
+        if self.tls is not None:
+            cast(asyncio.Transport, transport).abort()  # a TLS client could not read a plain answer
+            return
         # cast, not isinstance: uvloop's transports do not derive from asyncio's classes.
         cast(asyncio.Transport, transport).write(response)
         transport.close()  # after the write is flushed
+
+    def upgrade(self, handler: _RequestHandler, transport: asyncio.Transport, tls: ssl.SSLContext) -> None:
+        """TLS on a connection already screened and counted; then aiohttp's handler serves it."""
+
+        async def handshake() -> None:
+            early = _Early()
+            try:
+                secured = await asyncio.get_running_loop().start_tls(
+                    transport,
+                    early,
+                    tls,
+                    server_side=True,
+                    ssl_handshake_timeout=self.handshake_timeout,
+                )
+            except Exception as exc:  # a failed or abandoned handshake: start_tls closed the socket
+                log.debug("TLS handshake failed: %s", exc)
+                self.open -= 1
+                return
+            self.open -= 1  # counted again, as aiohttp's, by connection_made()
+            if secured is None:  # only for a transport that cannot do TLS, which a TCP one can
+                transport.close()
+                return
+            handler.take_over(secured, early)
+
+        self.open += 1
+        task = asyncio.get_running_loop().create_task(handshake())
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
 
     def _audit(self, event: str, **fields: str | None) -> None:
         if self.audit is not None:
@@ -227,12 +306,18 @@ class AppRunner(web.AppRunner):
         max_connections: int,
         gate: Allowlist | None = None,
         audit: AuditLog | None = None,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout: float = 30.0,
         **kwargs: Any,
     ) -> None:
+        """`tls`: the site listens in plain TCP and each connection is screened (allowlist, cap)
+        before its TLS handshake, which a TLS site would do first, holding the socket meanwhile."""
         super().__init__(app, **kwargs)
         self._max_connections = max_connections
         self._gate = gate
         self._audit = audit
+        self._tls = tls
+        self._handshake_timeout = handshake_timeout
 
     async def _make_server(self) -> web.Server:
         built = await super()._make_server()  # starts the application, exactly as AppRunner does
@@ -243,5 +328,7 @@ class AppRunner(web.AppRunner):
             max_connections=self._max_connections,
             gate=self._gate,
             audit=self._audit,
+            tls=self._tls,
+            handshake_timeout=self._handshake_timeout,
             **built._kwargs,  # the handler settings given to the runner, plus the app's own
         )

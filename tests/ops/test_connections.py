@@ -15,6 +15,7 @@ import re
 import resource
 import secrets
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,7 @@ import pytest
 
 from mcp_sse.ops.connections import RESERVE
 from tests.conftest import Launched, launch
+from tests.security.test_operations import self_signed
 
 TOKEN = secrets.token_urlsafe(32)
 LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
@@ -240,3 +242,60 @@ async def test_a_trusted_proxy_may_connect_and_its_clients_are_checked_per_reque
         outside = {**auth, "X-Forwarded-For": "203.0.113.9"}
         async with http.get(f"{server.url}/health", headers=outside) as response:
             assert response.status == 403
+
+
+def client_tls(cert: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False
+    return context
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+async def test_over_tls_a_connection_is_screened_before_its_handshake(tmp_path: Path, loop: str) -> None:
+    # Before, the event loop did the TLS handshake first and handed the connection over only then:
+    # a socket that never finishes its handshake was neither counted nor checked for 60 s.
+    cert, key = self_signed(tmp_path)
+    settings = {"TLS_CERT": str(cert), "TLS_KEY": str(key), "MAX_CONNECTIONS": "4"}
+    async with gateway(tmp_path, loop=loop, REQUEST_HEADER_TIMEOUT_SECONDS="2", **settings) as server:
+        assert server.url.startswith("https://")
+        host, port = server.url.removeprefix("https://").rsplit(":", 1)
+        # A request right behind the handshake (TLS 1.3 sends it with the client's Finished).
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection(host, int(port), ssl=client_tls(cert))
+            writer.write(f"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200 ")
+            writer.close()
+        await asyncio.sleep(0.2)
+        # Four sockets that never say hello take every place; a fifth is closed at once, unanswered.
+        silent = [await asyncio.open_connection(host, int(port)) for _ in range(4)]
+        await asyncio.sleep(0.2)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        assert await first_bytes(reader, 2) == b""
+        writer.close()
+        # The silent ones are dropped after REQUEST_HEADER_TIMEOUT_SECONDS, and the places come back.
+        assert await asyncio.gather(*(first_bytes(r, 10) for r, _ in silent)) == [b""] * 4
+        await close_all(silent)
+        async with aiohttp.ClientSession() as http:
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            async with http.get(f"{server.url}/health", headers=headers, ssl=client_tls(cert)) as response:
+                assert response.status == 200
+    assert "Traceback" not in server.stderr
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+async def test_over_tls_an_address_outside_the_allowlist_gets_no_handshake(tmp_path: Path, loop: str) -> None:
+    cert, key = self_signed(tmp_path)
+    settings = {"TLS_CERT": str(cert), "TLS_KEY": str(key), "ALLOWED_IPS": "127.0.0.2"}
+    async with gateway(tmp_path, loop=loop, **settings) as server:
+        host, port = server.url.removeprefix("https://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        assert await first_bytes(reader, 2) == b""  # closed at once
+        writer.close()
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await asyncio.open_connection(host, int(port), ssl=client_tls(cert))
+        reader, writer = await asyncio.open_connection(
+            host, int(port), ssl=client_tls(cert), local_addr=("127.0.0.2", 0)
+        )
+        writer.write(f"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200 ")
+        writer.close()
