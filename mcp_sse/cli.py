@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_command(settings, _env_file(args.env_file))
     try:
         settings = fail_closed(settings)
-        loop_factory = event_loop_factory(settings.event_loop)
+        loop_factory = event_loop_factory(settings.event_loop, tls=settings.tls)
     except SettingsError as exc:
         print(f"mcp-sse: {exc}", file=sys.stderr)
         return 2
@@ -106,10 +106,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop when asked for or (auto) installed: 3-16% less CPU per call (bench/README.md)."""
-    if choice == "asyncio":
+def event_loop_factory(choice: str, *, tls: bool = False) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when asked for or (auto) installed: 3-16% less CPU per call (bench/README.md).
+
+    Not with native TLS: each connection is screened before its handshake, which needs the
+    connection to stay unread until the handshake starts, and uvloop starts reading a connection
+    as soon as its protocol has it, whatever the protocol asked (uvloop 0.23)."""
+    if choice == "asyncio" or (choice == "auto" and tls):
         return None
+    if tls:
+        raise SettingsError("EVENT_LOOP=uvloop cannot serve native TLS (TLS_CERT): use auto or asyncio")
     try:
         import uvloop
     except ImportError:

@@ -17,7 +17,9 @@ neither a descriptor nor a place under the cap while its headers are awaited.
 
 With native TLS the site listens in plain TCP and each connection is screened first, then
 upgraded (`loop.start_tls`): a TLS site would do the handshake before handing the connection
-over, so a socket that never said hello would be neither counted nor checked.
+over, so a socket that never said hello would be neither counted nor checked. This runs on
+asyncio's loop only (cli.event_loop_factory): uvloop reads a new connection at once, before
+the upgrade could start, and its ClientHello would go to the HTTP parser.
 """
 
 from __future__ import annotations
@@ -194,9 +196,8 @@ class _Early(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.data.append(data)
 
-    def eof_received(self) -> bool:
-        self.eof = True
-        return True  # the handler decides, once it has the connection
+    def eof_received(self) -> None:
+        self.eof = True  # replayed to the handler; over TLS the return value is ignored anyway
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost.append(exc)
@@ -268,12 +269,15 @@ class _Server(web.Server):
                     server_side=True,
                     ssl_handshake_timeout=self.handshake_timeout,
                 )
-            except Exception as exc:  # a failed or abandoned handshake: start_tls closed the socket
-                log.debug("TLS handshake failed: %s", exc)
+            except BaseException as exc:  # a failed or abandoned handshake, or shutdown
+                transport.abort()  # start_tls closes it on most failures, not on all
                 self.open -= 1
+                if not isinstance(exc, Exception):
+                    raise
+                log.debug("TLS handshake failed: %s", exc)
                 return
             self.open -= 1  # counted again, as aiohttp's, by connection_made()
-            if secured is None:  # only for a transport that cannot do TLS, which a TCP one can
+            if secured is None:  # the peer closed cleanly during the handshake
                 transport.close()
                 return
             handler.take_over(secured, early)
