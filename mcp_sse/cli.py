@@ -256,7 +256,8 @@ async def serve(settings: Settings, env_file: Path | None = None) -> None:
             settings.host,
             settings.port,
             reuse_address=True,
-            backlog=BACKLOG,  # TLS: the runner's
+            backlog=BACKLOG,
+            # No ssl_context: with TLS_CERT the runner screens each connection, then starts TLS.
         )
         await site.start()
         host, port = runner.addresses[0][:2]

@@ -57,10 +57,14 @@ PER_CHILD: Final = 4
 """A backend child's stdin, stdout and stderr pipes, and one more while it is being spawned."""
 
 
+# What the app's on_response_prepare would add, for the answers given before (or without) it.
+_HEADERS: Final = {**SECURITY_HEADERS, "Server": SERVER}
+
+
 def _answer(status: str, error: str, *headers: str) -> bytes:
     """A whole HTTP response, written to a connection before any request was read from it."""
     body = json.dumps({"error": error}).encode()
-    lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in {**SECURITY_HEADERS, "Server": SERVER}.items())]
+    lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in _HEADERS.items())]
     lines += [*headers, "Content-Type: application/json", f"Content-Length: {len(body)}", "Connection: close"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
@@ -176,7 +180,7 @@ class _RequestHandler(web.RequestHandler):
             return super().handle_error(request, status, exc, message)  # a handler's failure: as aiohttp does
         self.logger.info("refused a malformed HTTP request from %s (%s)", request.remote, type(exc).__name__)
         # The application's on_response_prepare never runs for it: give it the same headers here.
-        headers = {**SECURITY_HEADERS, "Server": SERVER}
+        headers = dict(_HEADERS)
         if self.transport is not None and self.transport.get_extra_info("sslcontext") is not None:
             headers["Strict-Transport-Security"] = HSTS
         response = web.json_response({"error": "malformed HTTP request"}, status=status, headers=headers)
