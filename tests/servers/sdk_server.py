@@ -75,7 +75,9 @@ def env(name: str) -> str:
 
 @server.tool()
 async def record_cancel(seconds: float, path: str) -> str:
-    """Sleep; if the call is cancelled meanwhile, write "cancelled" to `path`."""
+    """Write "started" to `path`, sleep; if the call is cancelled meanwhile, write "cancelled" there."""
+    with open(path, "w") as file:
+        file.write("started")  # the test waits for this, not for a time, before it gives up
     try:
         await asyncio.sleep(seconds)
     except asyncio.CancelledError:
