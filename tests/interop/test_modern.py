@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import aiohttp
