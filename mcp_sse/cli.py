@@ -25,12 +25,14 @@ from . import __version__
 from .app import build_backends, create_app, reload_keys
 from .ops import sd_notify
 from .ops.connections import BACKLOG, AppRunner, fit_open_file_limit, quiet_accept_errors
-from .security.check import audit_settings
+from .security.check import Finding, audit_settings
 from .security.ipfilter import allows_any, connection_gate
 from .security.keys import KeysFileError, generate_key
 from .settings import Secret, Settings, SettingsError
 from .state import AUDIT, BACKENDS
-from .upstream.config import ConfigError
+from .upstream.backend import Backend, StdioBackend
+from .upstream.config import ConfigError, launch_problem
+from .upstream.isolation import PerSessionBackend
 
 __all__ = ["main"]
 
@@ -167,9 +169,31 @@ def generate_key_command(name: str | None, role: str) -> int:
 
 def check_command(settings: Settings, env_file: Path | None) -> int:
     findings = audit_settings(settings, env_file)
+    try:
+        problems = launch_problems(build_backends(settings, os.environ, env_file))
+    except ConfigError as exc:
+        problems = [str(exc)]
+    if problems:  # a backend that cannot start is as critical as a setting: the server would not serve it
+        findings = [f for f in findings if f.level != "OK"] + [Finding("CRITICAL", p) for p in problems]
     for finding in findings:
         print(f"{finding.level}: {finding.message}")
     return 1 if any(f.level == "CRITICAL" for f in findings) else 0
+
+
+def launch_problems(backends: dict[str, Backend]) -> list[str]:
+    """Why children would not start, each checked with the environment and cwd it will get."""
+    problems = []
+    for backend in backends.values():
+        if isinstance(backend, StdioBackend):
+            problem = launch_problem(backend.spec, backend.env)
+        elif isinstance(backend, PerSessionBackend):
+            # What each session's child gets (StdioBackend's merge), less the headers it maps.
+            problem = launch_problem(backend.spec, {**backend.base_env, **backend.spec.env})
+        else:
+            continue  # in-process tools: build_backends has imported them already
+        if problem is not None:
+            problems.append(problem)
+    return problems
 
 
 def check_config(settings: Settings, env_file: Path | None) -> int:
@@ -178,27 +202,33 @@ def check_config(settings: Settings, env_file: Path | None) -> int:
     except ConfigError as exc:
         print(f"mcp-sse: {exc}", file=sys.stderr)
         return 1
+    if problems := launch_problems(backends):
+        for problem in problems:
+            print(f"mcp-sse: {problem}", file=sys.stderr)
+        return 1
     print(f"ok: {len(backends)} backend(s): {', '.join(backends)}")
     return 0
 
 
 def _print_generated_token(settings: Settings, url: str) -> None:
     assert settings.auth_token is not None
-    token = settings.auth_token.reveal()
     desktop = {
         "mcpServers": {
             "mcp-sse": {
                 "command": "npx",
-                "args": ["mcp-remote", f"{url}/sse", "--header", f"Authorization: Bearer {token}"],
+                "args": ["mcp-remote", f"{url}/sse", "--header", "Authorization: Bearer ${AUTH_TOKEN}"],
+                "env": {"AUTH_TOKEN": "<the AUTH_TOKEN above>"},
             }
         }
     }
-    # Printed once to the terminal, never logged: it is the only copy of a secret that lives for this run.
+    # The only copy of a secret that lives for this run: printed once, on its own labelled line,
+    # to the terminal and never to the log; everything else refers to it by name.
     print(
-        "\n    No AUTH_TOKEN is set, so one was generated for this run (loopback only):\n\n"
+        "\n    No AUTH_TOKEN is set, so one was generated for this run (loopback only), shown once:\n\n"
+        f"        export AUTH_TOKEN={settings.auth_token.reveal()}\n\n"
+        f'    Then: curl -H "Authorization: Bearer $AUTH_TOKEN" {url}/health\n'
         f"        {url}/mcp   (Streamable HTTP)\n"
-        f"        {url}/sse   (legacy SSE)\n"
-        f"        Authorization: Bearer {token}\n\n"
+        f"        {url}/sse   (legacy SSE)\n\n"
         "    Claude Desktop through mcp-remote:\n"
         f"        {json.dumps(desktop)}\n\n"
         "    Run `python setup_secure.py` to keep a token across restarts.\n",

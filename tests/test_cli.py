@@ -44,7 +44,7 @@ GATEWAY_VARIABLES = {
     "WATCHDOG_PID",
     "EVENT_LOOP",
 }
-BEARER_LINE = re.compile(r"^\s*Authorization: Bearer (\S+)\s*$")
+TOKEN_LINE = re.compile(r"^\s*export AUTH_TOKEN=(\S+)\s*$")
 
 
 @pytest.fixture
@@ -148,9 +148,9 @@ def test_public_host_from_environment_with_empty_token_refuses(
 async def test_loopback_generates_a_token_once_and_serves(env: dict[str, str], empty_env_file: str) -> None:
     args = ("--host", "127.0.0.1", "--port", "0", "--env-file", empty_env_file)
     async with serve(*args, env=env, until="mcpServers") as server:
-        bearer = [m.group(1) for line in server.lines if (m := BEARER_LINE.match(line))]
-        assert len(bearer) == 1, server.stderr
-        token = bearer[0]
+        labelled = [m.group(1) for line in server.lines if (m := TOKEN_LINE.match(line))]
+        assert len(labelled) == 1, server.stderr
+        token = labelled[0]
         assert len(token) >= 32
         port = int(server.url.rsplit(":", 1)[1])
         assert port != 0
@@ -161,7 +161,9 @@ async def test_loopback_generates_a_token_once_and_serves(env: dict[str, str], e
         assert entry["command"] == "npx"
         assert "mcp-remote" in entry["args"]
         assert f"{server.url}/sse" in entry["args"]
-        assert f"Authorization: Bearer {token}" in entry["args"]
+        assert "Authorization: Bearer ${AUTH_TOKEN}" in entry["args"]  # mcp-remote expands it from "env"
+        assert set(entry["env"]) == {"AUTH_TOKEN"}
+        assert f'curl -H "Authorization: Bearer $AUTH_TOKEN" {server.url}/health' in server.stderr
 
         status, _ = await get_health(server.url, token)
         assert status == 200
@@ -178,9 +180,9 @@ async def test_loopback_generates_a_token_once_and_serves(env: dict[str, str], e
         assert await server.stop() == 0
         assert time.monotonic() - started < 15
         stdout = await server.process.stdout.read() if server.process.stdout else b""
-    # Printed once, in the banner; never in a log line, never on stdout, not again at shutdown.
+    # Printed once, on its labelled line; not in the config, a log line, stdout, or at shutdown.
     with_token = [line.strip() for line in server.lines if token in line]
-    assert with_token == [f"Authorization: Bearer {token}", config_line.strip()], with_token
+    assert with_token == [f"export AUTH_TOKEN={token}"], with_token
     assert token.encode() not in stdout
 
 
@@ -307,3 +309,142 @@ def test_help(env: dict[str, str], form: tuple[str, ...]) -> None:
     assert done.returncode == 0, done.stderr
     assert "--host" in done.stdout and "--port" in done.stdout and "--config" in done.stdout
     assert done.stderr == ""
+
+
+# -- --check-config and --check: would each backend's child start? ------------------------------
+
+
+@pytest.fixture
+def bare_python(tmp_path: Path) -> Path:
+    """A directory whose `python` is a real interpreter with nothing installed, as on a machine where
+    `pip install .` ran but `pip install mcp-server-time` did not."""
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    return venv / "bin"
+
+
+def check_config(
+    tmp_path: Path, servers: dict[str, object], env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "servers.json"
+    path.write_text(json.dumps({"mcpServers": servers}))
+    command = args or ("--check-config",)
+    return run(SCRIPT, *command, "--config", str(path), "--env-file", os.devnull, env=env)
+
+
+TIME = ["-m", "mcp_server_time"]
+
+
+def test_check_config_passes_backends_that_start(env: dict[str, str], tmp_path: Path) -> None:
+    script = tmp_path / "srv" / "serve.sh"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\nexec true\n")
+    script.chmod(0o755)
+    servers = {
+        "time": {"command": sys.executable, "args": TIME},
+        "clustered": {"command": sys.executable, "args": ["-Im", "mcp_server_time"]},
+        "relative": {"command": "./serve.sh", "cwd": str(script.parent)},  # found from its own cwd
+        "script": {"command": sys.executable, "args": [str(script)]},  # not -m: nothing to import
+        "mine": {"module": "tests.servers.custom_tools:tools"},
+    }
+    done = check_config(tmp_path, servers, {**env, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "ok: 5 backend(s): time, clustered, relative, script, mine\n"
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        (
+            {"command": "no-such-mcp-server"},
+            ["backend 'broken'", "'no-such-mcp-server' not found on the child's PATH", "absolute path"],
+        ),
+        (
+            {"command": sys.executable, "args": ["-m", "no_such_mcp_module"]},
+            ["backend 'broken'", "cannot import 'no_such_mcp_module'", "-m pip install no-such-mcp-module"],
+        ),
+        (
+            {"command": sys.executable, "args": ["-m", "json"]},
+            ["backend 'broken'", "'json' is a package without __main__"],
+        ),
+        (
+            {"command": "./serve.sh", "cwd": "/"},
+            ["backend 'broken'", "'./serve.sh' is not an executable file (relative to its cwd '/')"],
+        ),
+        (
+            {"command": "true", "cwd": "/no/such/dir"},
+            ["backend 'broken'", "'/no/such/dir' is not a directory"],
+        ),
+    ],
+    ids=["not-on-path", "module-missing", "package-without-main", "relative-to-cwd", "no-cwd"],
+)
+def test_check_config_names_the_backend_that_cannot_start(
+    env: dict[str, str], tmp_path: Path, entry: dict[str, object], expected: list[str]
+) -> None:
+    servers = {"good": {"command": sys.executable, "args": TIME}, "broken": entry}
+    done = check_config(tmp_path, servers, env)
+    assert done.returncode == 1, done.stdout
+    assert done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    for text in expected:
+        assert text in line
+    assert "Traceback" not in done.stderr
+
+
+def test_check_config_resolves_python_on_the_childs_path(
+    env: dict[str, str], tmp_path: Path, bare_python: Path
+) -> None:
+    # The same entry is good or not depending on which `python` the child's PATH finds first.
+    servers: dict[str, object] = {"time": {"command": "python", "args": TIME}}
+    ours = str(Path(sys.executable).parent)
+    good = check_config(tmp_path, servers, {**env, "PATH": f"{ours}{os.pathsep}{bare_python}"})
+    assert good.returncode == 0, good.stderr
+
+    bad = check_config(tmp_path, servers, {**env, "PATH": f"{bare_python}{os.pathsep}{ours}"})
+    assert bad.returncode == 1
+    bare = bare_python / "python"
+    assert f"backend 'time': 'python' ({bare}) cannot import 'mcp_server_time'" in bad.stderr
+    assert f"{bare} -m pip install mcp-server-time" in bad.stderr
+
+    # The entry's own "env" PATH is the child's, whatever the gateway's is.
+    servers = {"time": {"command": "python", "args": TIME, "env": {"PATH": str(bare_python)}}}
+    own = check_config(tmp_path, servers, {**env, "PATH": f"{ours}{os.pathsep}{env['PATH']}"})
+    assert own.returncode == 1 and "cannot import 'mcp_server_time'" in own.stderr
+
+    # A per-session backend's children are checked with the same environment.
+    servers = {"time": {"command": "python", "args": TIME, "isolation": "per-session"}}
+    per_session = check_config(tmp_path, servers, {**env, "PATH": f"{bare_python}{os.pathsep}{ours}"})
+    assert per_session.returncode == 1 and "backend 'time'" in per_session.stderr
+
+
+def test_check_reports_a_backend_that_cannot_start_as_critical(env: dict[str, str], tmp_path: Path) -> None:
+    servers: dict[str, object] = {"ghost": {"command": "no-such-mcp-server"}}
+    done = check_config(tmp_path, servers, {**env, "AUTH_TOKEN": "Aa1-" + "b2C3d4E5" * 5}, "--check")
+    assert done.returncode == 1, done.stdout
+    critical = "CRITICAL: backend 'ghost': command 'no-such-mcp-server' not found on the child's PATH"
+    assert critical in done.stdout
+    assert "no problems found" not in done.stdout
+
+    path = tmp_path / "servers.json"
+    path.write_text("{not json")
+    broken = run(SCRIPT, "--check", "--config", str(path), "--env-file", os.devnull, env=env)
+    assert broken.returncode == 1 and f"CRITICAL: {path}: not valid JSON" in broken.stdout
+
+
+def test_a_hung_interpreter_is_given_up_on(tmp_path: Path) -> None:
+    from mcp_sse.upstream.config import ServerSpec, launch_problem
+
+    # A "python" that never answers, and has started a grandchild holding its stderr open.
+    fake = tmp_path / "python3"
+    fake.write_text("#!/bin/sh\nsleep infinity &\nexec sleep infinity\n")
+    fake.chmod(0o755)
+    spec = ServerSpec(name="slow", command=str(fake), args=("-m", "anything"))
+    problem = launch_problem(spec, {"PATH": os.environ["PATH"]}, timeout=0.5)
+    assert problem == f"backend 'slow': {fake} did not say within 0.5 s whether it can import 'anything'"
+
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'error while loading shared libraries' >&2\nexit 127\n")
+    broken.chmod(0o755)
+    spec = ServerSpec(name="broken", command=str(broken), args=("-m", "anything"))
+    problem = launch_problem(spec, {"PATH": os.environ["PATH"]})
+    assert problem is not None and "error while loading shared libraries" in problem

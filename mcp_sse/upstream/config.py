@@ -12,14 +12,16 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from ..settings import GATEWAY_SECRETS
 
-__all__ = ["ConfigError", "ServerSpec", "expand", "load_servers"]
+__all__ = ["ConfigError", "ServerSpec", "expand", "launch_problem", "load_servers", "resolve_command"]
 
 log = logging.getLogger("mcp_sse.upstream")
 SERVER_KEYS: Final = frozenset(
@@ -42,6 +44,29 @@ _MODULE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 FORBIDDEN_FROM_HEADERS: Final = frozenset({"authorization", "cookie", "proxy-authorization"})
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_PYTHON = re.compile(r"(python|pypy)[0-9.]*")  # python, python3, python3.12, pypy3
+PROBE_TIMEOUT: Final = 15.0
+"""How long `launch_problem` waits for an interpreter to say whether it can import a module."""
+# Exits 0 if `python -m <argv[1]>` would find what to run, 3 if there is no such module, 4 if it
+# is a package without the __main__ that -m runs. Looked for by path first, importing nothing
+# (find_spec of a submodule imports its packages: seconds for an MCP server, with their side
+# effects); only what is not found so is looked for again as import would.
+_PROBE: Final = """\
+import importlib.machinery as m, importlib.util as u, sys
+def find(name):
+    top, *parts = name.split(".")
+    spec = u.find_spec(top)
+    for part in parts:
+        where = spec.submodule_search_locations if spec else None
+        spec = m.PathFinder.find_spec(part, where) if where else None
+    return spec or u.find_spec(name)
+try:
+    spec = find(sys.argv[1])
+    runs = spec and (spec.submodule_search_locations is None or find(sys.argv[1] + ".__main__"))
+except (ImportError, ValueError):
+    spec = runs = None
+sys.exit(0 if runs else 4 if spec else 3)
+"""
 
 
 class ConfigError(ValueError):
@@ -185,3 +210,108 @@ def load_servers(path: str | Path, environ: Mapping[str, str] | None = None) -> 
     if not specs:
         raise ConfigError(f"{path}: mcpServers is empty")
     return specs
+
+
+# -- would the child start? ------------------------------------------------------------------------
+
+
+def resolve_command(command: str, env: Mapping[str, str], cwd: str | None) -> str | None:
+    """The file a child started with `env` in `cwd` would execute as `command`, or None.
+
+    As subprocess does it: a name without "/" is searched on the PATH of the child's own
+    environment (os.defpath without one), and anything relative, a PATH entry included, is
+    taken from the child's working directory, not ours."""
+    base = Path(cwd) if cwd else Path.cwd()
+    if "/" in command:
+        candidates = [base / command]
+    else:
+        candidates = [base / entry / command for entry in os.get_exec_path(dict(env))]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def _python_module(command: str, args: Sequence[str]) -> tuple[list[str], str] | None:
+    """For `python [options] -m module ...`: the options (some change sys.path: -I, -S, -E) and
+    the module. None for anything else: another program, a script, `-c`."""
+    if not _PYTHON.fullmatch(Path(command).name):
+        return None
+    options: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        if arg.startswith("--") or not arg.startswith("-") or arg == "-":
+            return None  # a script, stdin, or a long option
+        letters = arg[1:]  # a cluster of short options, like -Im name
+        for i, letter in enumerate(letters):
+            if letter not in "cmWX":
+                continue
+            value = letters[i + 1 :] or next(rest, "")  # these take a value: the rest, or the next argument
+            if letter == "c" or not value:
+                return None
+            if letter == "m":
+                return options + ([f"-{letters[:i]}"] if i else []), value
+            options += [f"-{letters[: i + 1]}", value]
+            break
+        else:
+            options.append(arg)
+    return None
+
+
+def launch_problem(spec: ServerSpec, env: Mapping[str, str], *, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """Why the child of `spec` would not start with `env`, or None if it would.
+
+    Checked the way the child starts: its command resolved on its own PATH from its cwd, and
+    for a Python interpreter run with `-m module`, that interpreter asked (in the child's
+    environment and cwd, within `timeout` seconds) whether it can import the module."""
+    where = f"backend {spec.name!r}"
+    if spec.cwd is not None and not Path(spec.cwd).is_dir():
+        return f'{where}: "cwd" {spec.cwd!r} is not a directory'
+    path = resolve_command(spec.command, env, spec.cwd)
+    if path is None:
+        if "/" in spec.command:
+            return (
+                f"{where}: command {spec.command!r} is not an executable file"
+                + (f" (relative to its cwd {spec.cwd!r})" if spec.cwd and spec.command[0] != "/" else "")
+                + ': fix "command" in the servers file'
+            )
+        return (
+            f"{where}: command {spec.command!r} not found on the child's PATH "
+            f"({os.pathsep.join(os.get_exec_path(dict(env)))}): install it, put its directory on PATH, "
+            'or give its absolute path as "command" in the servers file'
+        )
+    if (probe := _python_module(spec.command, spec.args)) is None:
+        return None
+    options, module = probe
+    try:
+        # A session of its own, so a hung interpreter and anything it started are killed together.
+        with subprocess.Popen(
+            [path, *options, "-c", _PROBE, module],
+            env=dict(env),
+            cwd=spec.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        ) as probe_process:
+            try:
+                _, stderr = probe_process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(probe_process.pid, signal.SIGKILL)
+                probe_process.wait()
+                return f"{where}: {path} did not say within {timeout:g} s whether it can import {module!r}"
+    except OSError as exc:
+        return f"{where}: cannot run {path}: {exc.strerror or exc}"
+    if probe_process.returncode == 3:
+        package = module.split(".")[0].replace("_", "-")
+        return (
+            f"{where}: {spec.command!r} ({path}) cannot import {module!r}, which it runs with -m: "
+            f"install it into that interpreter (`{path} -m pip install {package}`, if that is the "
+            'package\'s name), or point "command" at a Python that has it'
+        )
+    if probe_process.returncode == 4:
+        return f"{where}: {module!r} is a package without __main__: `{spec.command} -m {module}` cannot run"
+    if probe_process.returncode != 0:
+        last = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        return f"{where}: {path} failed ({last[0][:200]}) when asked whether it can import {module!r}"
+    return None
