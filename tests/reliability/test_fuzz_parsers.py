@@ -36,6 +36,8 @@ from mcp_sse.security.client_ip import MAX_HOPS, normalise, parse_forwarded_for,
 from mcp_sse.security.origin import normalise_host, normalise_origin
 from mcp_sse.transport.streamable import _accepts
 
+pytestmark = pytest.mark.slow  # long: `pytest -m 'not slow'` skips it in a quick local loop; CI runs it
+
 fuzz = hsettings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 # -- JSON-RPC -----------------------------------------------------------------------------------

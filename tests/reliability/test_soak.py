@@ -12,6 +12,8 @@ import pytest
 from tests.conftest import StartGateway
 from tests.reliability.workload import SOAK_SETTINGS, run_soak, soak_problems, soak_servers
 
+pytestmark = pytest.mark.slow  # long: `pytest -m 'not slow'` skips it in a quick local loop; CI runs it
+
 SECONDS = 20.0
 KILL_EVERY = 6.0  # at most 2 kills per backend: well under a crash loop (5 exits within 30 s)
 RSS_GROWTH_MB = 25.0

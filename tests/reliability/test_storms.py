@@ -31,6 +31,8 @@ from tests.reliability.harness import (
     wait_until,
 )
 
+pytestmark = pytest.mark.slow  # long: `pytest -m 'not slow'` skips it in a quick local loop; CI runs it
+
 CYCLES = 1000
 CONCURRENCY = 16
 STREAM_SLOTS = 2 * CONCURRENCY  # a client may reconnect before the server has seen its last stream close
