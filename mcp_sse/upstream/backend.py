@@ -166,8 +166,8 @@ class StdioBackend(Backend):
             self.spec.cwd,
             max_line=self.max_line,
             on_message=self.mux.on_message,
-            on_oversize=lambda upstream_id: self.mux.fail_one(
-                upstream_id, f"backend {self.name!r} sent a message over {self.max_line} bytes"
+            on_refused=lambda upstream_id, why: self.mux.fail_one(
+                upstream_id, f"backend {self.name!r} {why}"
             ),
         )
         try:
@@ -253,7 +253,8 @@ class StdioBackend(Backend):
             tools = await self.mux.call(
                 None, {"jsonrpc": "2.0", "id": "tools", "method": "tools/list", "params": {}}, INIT_TIMEOUT
             )
-            listed = tools.get("result", {}).get("tools", [])
+            listed = (tools.get("result") or {}).get("tools")
+            listed = listed if isinstance(listed, list) else []  # a child's answer, not a promise
             self.tool_count = len(listed)
             # Known from the start, so arguments are checked before any client listed the tools.
             self._schemas = {

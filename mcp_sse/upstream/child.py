@@ -16,18 +16,86 @@ import os
 import re
 import signal
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
-from ..protocol.jsonrpc import Message, dumps
+from ..protocol.jsonrpc import (
+    INVALID_REQUEST,
+    Message,
+    ProtocolError,
+    dumps,
+    error_response,
+    validate_message,
+)
 from . import guard
 
-__all__ = ["ChildProcess"]
+__all__ = ["EXCERPT", "MAX_DEPTH", "ChildProcess", "decode", "excerpt"]
 
 log = logging.getLogger("mcp_sse.upstream")
 STDOUT_GRACE = 1.0
 STOP_GRACE = 5.0
 """How long `stop()` gives a child to exit on stdin EOF, then on SIGTERM, before SIGKILL."""
 _LEADING_ID = re.compile(rb'^\s*\{\s*"jsonrpc"\s*:\s*"2\.0"\s*,\s*"id"\s*:\s*(-?\d{1,18}|"[^"\\]{0,256}")')
+EXCERPT = 200
+"""How much of a line a log message quotes: a child's line may be as long as MAX_MESSAGE_BYTES."""
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+MAX_DEPTH = 256
+"""Nesting a child's message may have. Far more than MCP needs, and far below what would make
+encoding it for a client hit the interpreter's recursion limit (near 950 levels, found by test)."""
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: a client's strict parser would choke
+
+
+_DECODE = json.JSONDecoder(parse_constant=_not_json).decode
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether a decoded JSON value nests deeper than `limit`: level by level, containers only."""
+    level = [value]
+    for _ in range(limit):
+        deeper: list[Any] = []
+        for node in level:
+            children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+            deeper += [c for c in children if isinstance(c, dict | list)]
+        if not deeper:
+            return False
+        level = deeper
+    return True
+
+
+def excerpt(line: bytes) -> str:
+    """The start of a line, fit for one log line: cut short, and no control character left raw
+    (a newline in it must not forge a log line of its own)."""
+    line = line.rstrip(b"\r\n")
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in line[:EXCERPT].decode("utf-8", "replace"))
+    return f"{text}... ({len(line)} bytes)" if len(line) > EXCERPT else text
+
+
+def decode(line: bytes) -> Any:
+    """One line from a child as JSON, or ValueError saying what is wrong with it.
+
+    Stricter than json.loads where forwarding would hurt a client or the gateway: NaN and
+    Infinity are not JSON; a lone UTF-16 surrogate (`"\\ud800"`) decodes but can never be
+    encoded as UTF-8 again, so its stream would fail mid-write; a message nested deep enough
+    decodes here but fails to encode deeper in the stack. The bytes are looked at first, so only
+    lines with many brackets or a surrogate escape pay for the full checks.
+    """
+    try:
+        value = _DECODE(line.decode())  # MCP's stdio is UTF-8; anything else is not JSON
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+    except RecursionError:  # the C decoder stops at the interpreter's recursion limit
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels") from None
+    # Depth can never exceed the number of opening brackets: most lines skip the walk.
+    if line.count(b"[") + line.count(b"{") > MAX_DEPTH and _deeper_than(value, MAX_DEPTH):
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    if _SURROGATE_ESCAPE.search(line):
+        try:
+            dumps(value).encode()
+        except UnicodeEncodeError:
+            raise ValueError("a string with a lone UTF-16 surrogate") from None
+    return value
 
 
 class ChildProcess:
@@ -41,7 +109,7 @@ class ChildProcess:
         *,
         max_line: int,
         on_message: Callable[[Message], None],
-        on_oversize: Callable[[str | int], None],
+        on_refused: Callable[[str | int, str], None],
     ) -> None:
         self.name = name
         self.command = command
@@ -50,7 +118,7 @@ class ChildProcess:
         self.cwd = cwd
         self.max_line = max_line
         self.on_message = on_message
-        self.on_oversize = on_oversize
+        self.on_refused = on_refused  # (upstream id, why): a line that answered that request was refused
         self.process: asyncio.subprocess.Process | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -144,7 +212,7 @@ class ChildProcess:
                 head = await stream.readexactly(over.consumed)
                 if not discarding and (match := _LEADING_ID.match(head)):
                     raw = match.group(1).decode()
-                    self.on_oversize(json.loads(raw))
+                    self.on_refused(json.loads(raw), f"sent a message over {self.max_line} bytes")
                 log.error("backend %s wrote a line over %d bytes; dropped", self.name, self.max_line)
                 discarding = True
                 continue
@@ -157,20 +225,46 @@ class ChildProcess:
             await asyncio.sleep(0)
 
     def _dispatch(self, line: bytes) -> None:
+        """Route one line; a line that is not a valid JSON-RPC message is dropped with one warning
+        naming the problem (and quoting the line's start), and the child serves on."""
         if not line.strip():
             return
         try:
-            message: Any = json.loads(line.decode())  # MCP's stdio is UTF-8; anything else is not JSON
-        except (ValueError, RecursionError):
-            log.warning("backend %s wrote a line that is not JSON; ignored", self.name)
+            value = decode(line)
+        except ValueError as exc:
+            log.warning(
+                "backend %s wrote a line that is not JSON (%s); dropped: %s", self.name, exc, excerpt(line)
+            )
             return
-        if not isinstance(message, dict):
-            log.warning("backend %s wrote JSON that is not a JSON-RPC message; ignored", self.name)
+        try:
+            message = validate_message(value)
+        except ProtocolError as exc:
+            self._refuse(value, exc.message.removeprefix("Invalid Request: "), line)
+            return
+        if "error" in message and not isinstance(message["error"].get("message"), str):
+            self._refuse(message, '"error" needs a string "message"', line)
             return
         try:
             self.on_message(message)
-        except Exception:
-            log.exception("backend %s: failed to route a message", self.name)
+        except Exception:  # a bug of ours, not the child's: its traceback is what fixes it
+            log.exception("backend %s: failed to route a message: %s", self.name, excerpt(line))
+
+    def _refuse(self, value: Any, problem: str, line: bytes) -> None:
+        log.warning(
+            "backend %s wrote JSON that is not a JSON-RPC message (%s); dropped: %s",
+            self.name,
+            problem,
+            excerpt(line),
+        )
+        if not isinstance(value, dict) or not _is_id(request_id := value.get("id")):
+            return
+        if "method" in value:
+            # A request with an id we can answer: it learns why, instead of waiting for ever.
+            with contextlib.suppress(ConnectionError):
+                self.write(error_response(request_id, INVALID_REQUEST, f"Invalid Request: {problem}"))
+        else:
+            # An answer to a request of ours: its caller gets an error now, not a timeout later.
+            self.on_refused(request_id, f"sent an invalid answer: {problem}")
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
         child_log = logging.getLogger(f"mcp_sse.backend.{self.name}")
@@ -208,3 +302,7 @@ class ChildProcess:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, sig)
+
+
+def _is_id(value: Any) -> TypeGuard[str | int]:
+    return isinstance(value, str | int) and not isinstance(value, bool)

@@ -18,6 +18,9 @@ Tools (every argument optional):
   garbage()                       write a series of broken lines, then answer normally
   deep(depth)                     write one line of `depth` nested JSON arrays, then answer normally
   oversize(size, id_first)        write one line of `size` bytes answering this call (id first or last)
+  emit(lines, raw, answer)        write each of `lines` (strings) as one line, "{id}" in it replaced by
+                                  this call's id as JSON, then each of `raw` (bytes in hex); then answer
+                                  "after emit", unless answer=false (then a line is meant to answer it)
   close_stdout()                  close stdout and keep running (until stdin ends)
   exit(code)                      exit at once, mid-call
 """
@@ -41,6 +44,7 @@ TOOLS = [
     "garbage",
     "deep",
     "oversize",
+    "emit",
     "close_stdout",
     "exit",
 ]
@@ -132,6 +136,13 @@ def call(request_id: object, name: str, args: dict) -> None:
         else:
             message = {"result": body, "jsonrpc": "2.0", "id": request_id}
         write_raw(json.dumps(message).encode() + b"\n")
+    elif name == "emit":
+        for line in args.get("lines", []):
+            write_raw(str(line).replace("{id}", json.dumps(request_id)).encode() + b"\n")
+        for line in args.get("raw", []):
+            write_raw(bytes.fromhex(str(line)) + b"\n")
+        if args.get("answer", True):
+            text(request_id, "after emit")
     elif name == "close_stdout":
         with _lock:
             _out.close()

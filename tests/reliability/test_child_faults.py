@@ -321,3 +321,123 @@ async def test_one_misbehaving_backend_does_not_disturb_another(start_gateway: S
     assert good_status == {**good_status, "state": "running", "pid": good_pid, "restarts": 0}
     assert len(served) > 20, "the good backend was hardly called while the bad one misbehaved"
     assert max(served) < 2, f"a call to the good backend took {max(served):.2f} s"
+
+
+# -- malformed messages: each one warning line, dropped; the child and its sessions serve on ------
+
+_DEEP = "[" * 300 + "]" * 300  # decodes, but past what the gateway forwards (MAX_DEPTH)
+_NOTE = '{"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": %s}}'
+MALFORMED = {
+    "method a number": '{"jsonrpc": "2.0", "method": 5}',
+    "response with an object id": '{"jsonrpc": "2.0", "id": {}, "result": 1}',
+    "request with an object id": '{"jsonrpc": "2.0", "id": {}, "method": "ping"}',
+    "request with an array id": '{"jsonrpc": "2.0", "id": [1], "method": "roots/list"}',
+    "response with a boolean id": '{"jsonrpc": "2.0", "id": true, "result": {}}',
+    "progress with numeric params": '{"jsonrpc": "2.0", "method": "notifications/progress", "params": 5}',
+    "log message with list params": '{"jsonrpc": "2.0", "method": "notifications/message", "params": [1]}',
+    "list_changed with string params": (
+        '{"jsonrpc": "2.0", "method": "notifications/tools/list_changed", "params": "x"}'
+    ),
+    "resource update with null params": (
+        '{"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": null}'
+    ),
+    "request with numeric params": (
+        '{"jsonrpc": "2.0", "id": "s", "method": "sampling/createMessage", "params": 7}'
+    ),
+    "cancellation with numeric params": (
+        '{"jsonrpc": "2.0", "method": "notifications/cancelled", "params": 1}'
+    ),
+    "empty method": '{"jsonrpc": "2.0", "method": ""}',
+    "wrong jsonrpc version": '{"jsonrpc": "1.0", "method": "notifications/tools/list_changed"}',
+    "no jsonrpc member": '{"method": "notifications/tools/list_changed"}',
+    "a batch": '[{"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}]',
+    "a string": '"just a string"',
+    "a number": "42",
+    "null": "null",
+    "NaN": _NOTE % "NaN",
+    "Infinity": _NOTE % "-Infinity",
+    "a lone surrogate": _NOTE % '"\\ud800"',
+    "nested 300 deep": _NOTE % _DEEP,
+    "huge and malformed": '{"jsonrpc": "2.0", "method": 5, "pad": "' + "p" * 200_000 + '"}',
+}
+
+
+def _problems(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What in the log is not a clean one-line warning: tracebacks, errors, very long lines."""
+    found = []
+    for record in caplog.records:
+        line = record.getMessage()
+        if record.exc_info or "Traceback" in line:
+            found.append(f"traceback from {record.name}: {line[:200]}")
+        elif record.levelno >= logging.ERROR:
+            found.append(f"error from {record.name}: {line[:200]}")
+        elif len(line) > 1000:
+            found.append(f"{len(line)} characters from {record.name}: {line[:200]}")
+    return found
+
+
+async def test_each_malformed_message_is_one_warning_and_the_child_serves_on(
+    start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    gw = await start_gateway({"f": fault_server(timeout=30)})
+    failures: dict[str, Any] = {}
+    async with aiohttp.ClientSession() as http:
+        pid = (await running(http, gw, "f"))["pid"]
+        client = await Streamable(http, gw.url, gw.token).initialize()
+        for case, line in MALFORMED.items():
+            caplog.clear()
+            # As bytes: the gateway's own parser refuses a client body with a "\\ud800" in a string.
+            status, messages = await client.post(call(case, "emit", raw=[line.encode().hex()]))
+            # The call that carried the bad line is answered, and nothing of the line reaches the client.
+            if status != 200 or [m.get("id") for m in messages] != [case]:
+                failures[case] = ("answer", status, str(messages)[:300])
+            elif text_result(messages[0]) != "after emit":
+                failures[case] = ("answer", messages[0])
+            elif problems := _problems(caplog):
+                failures[case] = problems
+            else:
+                warnings = [r.getMessage() for r in caplog.records if r.name == "mcp_sse.upstream"]
+                if not any(w.startswith("backend f ") for w in warnings):
+                    failures[case] = ("no warning naming the backend", warnings)
+            # The next call is served, by the same child.
+            assert text_result(await client.request(call(f"{case}-next", "echo", text="next"))) == "next"
+        status_after = await status_of(http, gw, "f")
+    assert failures == {}, "\n".join(f"{case}: {failure}" for case, failure in failures.items())
+    assert status_after["pid"] == pid and status_after["restarts"] == 0 and status_after["state"] == "running"
+
+
+MALFORMED_ANSWERS = {
+    "result a number": '{"jsonrpc": "2.0", "id": {id}, "result": 1}',
+    "result an array": '{"jsonrpc": "2.0", "id": {id}, "result": [1]}',
+    "error a string": '{"jsonrpc": "2.0", "id": {id}, "error": "boom"}',
+    "error code a string": '{"jsonrpc": "2.0", "id": {id}, "error": {"code": "x", "message": "m"}}',
+    "error message a number": '{"jsonrpc": "2.0", "id": {id}, "error": {"code": 1, "message": 5}}',
+    "both result and error": (
+        '{"jsonrpc": "2.0", "id": {id}, "result": {}, "error": {"code": 1, "message": "m"}}'
+    ),
+    "neither result nor error": '{"jsonrpc": "2.0", "id": {id}}',
+    "wrong jsonrpc version": '{"jsonrpc": "1.0", "id": {id}, "result": {}}',
+}
+
+
+@pytest.mark.parametrize("line", MALFORMED_ANSWERS.values(), ids=MALFORMED_ANSWERS.keys())
+async def test_malformed_answer_fails_its_call_with_a_clear_error(
+    start_gateway: StartGateway, caplog: pytest.LogCaptureFixture, line: str
+) -> None:
+    caplog.set_level(logging.WARNING)
+    # A long timeout: the call must end because its answer was refused, not because it timed out.
+    gw = await start_gateway({"f": fault_server(timeout=60)})
+    async with aiohttp.ClientSession() as http:
+        pid = (await running(http, gw, "f"))["pid"]
+        client = await Streamable(http, gw.url, gw.token).initialize()
+        reply = await client.request(call("bad", "emit", lines=[line], answer=False))
+        assert reply["error"]["code"] == -32603, reply
+        assert reply["error"]["message"].startswith("backend 'f' sent an invalid answer"), reply
+        assert text_result(await client.request(call("next", "echo", text="next"))) == "next"
+        status = await status_of(http, gw, "f")
+    assert _problems(caplog) == []
+    assert any(
+        r.getMessage().startswith("backend f ") for r in caplog.records if r.levelno == logging.WARNING
+    )
+    assert status["pid"] == pid and status["restarts"] == 0
