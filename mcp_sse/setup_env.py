@@ -2,8 +2,8 @@
 
 The file is written atomically with mode 0600 (never readable by others, whatever the umask), the
 previous one kept as a 0600 `.bak`. Rerunning shows the current values as defaults, secrets masked;
-Enter keeps them. Secrets are printed to stdout only where the user has to copy them, and only
-when they are new: never logged.
+Enter keeps them. A new AUTH_TOKEN is printed once, labelled, and only to a terminal (or with
+--show-token): stdout of `--non-interactive` ends up in CI logs. No other secret is ever printed.
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
 
-from .settings import DEFAULT_PORT, SettingsError, read_env_file
+from .settings import DEFAULT_PORT, GATEWAY_SECRETS, SettingsError, read_env_file
+from .upstream.config import ServerSpec, launch_problem, resolve_command
 
 __all__ = ["Invalid", "detect_addresses", "format_env", "main", "mask", "write_private"]
 
@@ -58,7 +60,8 @@ DEFAULTS = {
     "RATE_LIMIT_MAX_REQUESTS": "100",
 }
 KNOWN_API_KEYS = ("ANTHROPIC_API_KEY", "PERPLEXITY_API_KEY")
-STARTER_SERVERS = {"mcpServers": {"time": {"command": "python", "args": ["-m", "mcp_server_time"]}}}
+STARTER_MODULE = "mcp_server_time"  # `pip install mcp-server-time`: a test extra, not a dependency
+BUILTIN_TOOLS = "the built-in tools (echo, server_time, gateway_status)"
 NONE_WORDS = ("none", "-", "off")
 MIN_TOKEN_LENGTH = 32
 
@@ -206,6 +209,22 @@ def check_tls(cert: str, key: str) -> tuple[str, str]:
     except (ssl.SSLError, OSError) as exc:
         raise Invalid(f"the certificate and key do not load together: {exc}") from None
     return str(paths[0]), str(paths[1])
+
+
+def starter_servers(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The starter servers file: mcp-server-time, run by `python` from PATH (as under systemd,
+    whose PATH starts with the service's venv), else by this interpreter; checked as the server
+    will start it. Raises Invalid, saying how to get it, when neither can import it."""
+    env = {key: value for key, value in environ.items() if key not in GATEWAY_SECRETS}
+    for python in dict.fromkeys(("python", sys.executable)):
+        spec = ServerSpec(name="time", command=python, args=("-m", STARTER_MODULE))
+        if launch_problem(spec, env) is None:
+            return {"mcpServers": {"time": {"command": python, "args": list(spec.args)}}}
+    tried = dict.fromkeys(filter(None, (resolve_command("python", env, None), sys.executable)))
+    raise Invalid(
+        f"it runs `python -m {STARTER_MODULE}`, which {' and '.join(tried)} cannot import: "
+        f"pip install mcp-server-time, or serve {BUILTIN_TOOLS} with no servers file"
+    )
 
 
 def check_servers_file(path: Path) -> None:
@@ -436,7 +455,11 @@ def _finish_paths(values: dict[str, str], *, create_servers: bool) -> list[str]:
     if servers := values.get("MCP_SERVERS_FILE", ""):
         path = Path(servers).expanduser().resolve()
         if not path.exists() and create_servers:
-            write_private(path, (json.dumps(STARTER_SERVERS, indent=2) + "\n").encode())
+            try:
+                starter = starter_servers(os.environ)
+            except Invalid as exc:  # a file the server cannot use is worse than none
+                raise Invalid(f"{path} does not exist, and no starter file was made: {exc}") from None
+            write_private(path, (json.dumps(starter, indent=2) + "\n").encode())
             notes.append(f"created a starter servers file: {path}")
         if path.exists():
             check_servers_file(path)
@@ -585,11 +608,20 @@ def _ask_api_key(values: dict[str, str], name: str) -> None:
 
 
 def _ask_servers_file(values: dict[str, str], env_dir: Path) -> list[str]:
+    default = values.get("MCP_SERVERS_FILE")
+    if default is None:
+        try:
+            starter_servers(os.environ)
+            default = str(env_dir / "servers.json")
+        except Invalid as exc:
+            print(f"  note: no starter servers file is offered, {exc}")
+            default = ""
     while True:
         text = ask(
             "MCP servers file (Claude Desktop format), or 'none' for the built-in one",
             _none_or(check_value),
-            values.get("MCP_SERVERS_FILE", str(env_dir / "servers.json")),
+            default,
+            shown=default or "none",
         )
         if not text:
             values["MCP_SERVERS_FILE"] = ""
@@ -613,35 +645,62 @@ def _client_host(host: str, environ: Mapping[str, str]) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def token_notice(token: str, env_path: Path, *, new: bool, show: bool) -> str:
+    """The one place a token is printed: new, and to a terminal or asked for with --show-token."""
+    if not new:
+        return f"AUTH_TOKEN: kept, in {env_path}."
+    if show:
+        return f"New AUTH_TOKEN (shown once, copy it to your clients now):\n\n    {token}\n"
+    return (
+        f"New AUTH_TOKEN: in {env_path}, not printed as stdout is not a terminal "
+        "(--show-token prints it; the commands below read it from the file)."
+    )
+
+
 def next_steps(
-    values: Mapping[str, str], env_path: Path, token_is_new: bool, environ: Mapping[str, str]
+    values: Mapping[str, str],
+    env_path: Path,
+    token_is_new: bool,
+    environ: Mapping[str, str],
+    *,
+    show_token: bool = False,
 ) -> str:
     scheme = "https" if values.get("TLS_CERT") else "http"
     url = f"{scheme}://{_client_host(values['HOST'], environ)}:{values['PORT']}"
-    # The token is shown only when it is new: a rerun that keeps it must not put it on screen again.
-    token = values["AUTH_TOKEN"] if token_is_new else f"<AUTH_TOKEN from {env_path}>"
     env_arg = shlex.quote(str(env_path))
+    # The snippets name the token and never hold it: they are copied into notes, tickets and CI logs.
+    # Sourced in a subshell, so only AUTH_TOKEN reaches the shell; absolute, as `.` searches PATH.
+    load = f'export AUTH_TOKEN="$(. {shlex.quote(str(env_path.resolve()))} && printf %s "$AUTH_TOKEN")"'
     args = ["mcp-remote", f"{url}/sse", "--header", "Authorization: Bearer ${AUTH_TOKEN}"]
     if scheme == "http":
         args.append("--allow-http")  # mcp-remote wants https unless told otherwise
-    desktop = {"mcpServers": {"mcp-sse": {"command": "npx", "args": args, "env": {"AUTH_TOKEN": token}}}}
+    env = {"AUTH_TOKEN": f"<AUTH_TOKEN from {env_path}>"}
+    desktop = {"mcpServers": {"mcp-sse": {"command": "npx", "args": args, "env": env}}}
     python = f"""\
 import asyncio
-from mcp import ClientSession
-from mcp.client.sse import sse_client
+import os
 
-async def main():
-    headers = {{"Authorization": "Bearer {token}"}}
-    async with sse_client("{url}/sse", headers=headers) as (read, write):
-        async with ClientSession(read, write) as session:
-            await session.initialize()
-            print(await session.list_tools())
+import httpx2
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+
+async def main() -> None:
+    headers = {{"Authorization": f"Bearer {{os.environ['AUTH_TOKEN']}}"}}
+    timeout = httpx2.Timeout(30, read=300)  # a tool call may take minutes; httpx2's default is 5 s
+    async with httpx2.AsyncClient(headers=headers, timeout=timeout) as http:
+        async with Client(streamable_http_client("{url}/mcp", http_client=http)) as client:
+            print([tool.name for tool in (await client.list_tools()).tools])
+
 
 asyncio.run(main())"""
     return f"""
+{token_notice(values["AUTH_TOKEN"], env_path, new=token_is_new, show=show_token)}
+
 Next steps
 ==========
-Start the server:
+Check the settings and the backends, then start the server:
+    python server_secure.py --check-config --env-file {env_arg}
     python server_secure.py --env-file {env_arg}
 
 Or run it under systemd (hardened unit, restarts on failure):
@@ -649,13 +708,14 @@ Or run it under systemd (hardened unit, restarts on failure):
     sudo systemctl enable --now mcp-sse
     journalctl -u mcp-sse -f
 
-Check it (curl):
-    curl -H "Authorization: Bearer {token}" {url}/health
+Load the token into your shell, and check it (curl):
+    {load}
+    curl -H "Authorization: Bearer $AUTH_TOKEN" {url}/health
 
 Claude Desktop (claude_desktop_config.json), through mcp-remote:
 {textwrap.indent(json.dumps(desktop, indent=2), "    ")}
 
-MCP Python SDK (Streamable HTTP is at {url}/mcp):
+MCP Python SDK (pip install mcp; AUTH_TOKEN loaded as above):
 {textwrap.indent(python, "    ")}
 """
 
@@ -675,6 +735,11 @@ def _parser() -> argparse.ArgumentParser:
     add("--output", type=Path, default=Path(".env"), help="the file to write (default: .env)")
     add("--non-interactive", action="store_true", help="no prompts: for CI, Ansible, Docker")
     add("--rotate-token", action="store_true", help="replace AUTH_TOKEN in --output, keep the rest")
+    add(
+        "--show-token",
+        action="store_true",
+        help="print a new AUTH_TOKEN even when stdout is not a terminal (it is then in your logs)",
+    )
     add("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
     add("--port", help=f"port to bind (default {DEFAULT_PORT})")
     add("--allowed-ips", metavar="LIST", help="client IPs/CIDRs, comma-separated (default loopback)")
@@ -708,13 +773,13 @@ def _read_current(path: Path) -> dict[str, str]:
     return values
 
 
-def rotate_token(path: Path, values: dict[str, str], token: str | None) -> int:
+def rotate_token(path: Path, values: dict[str, str], token: str | None, *, show: bool) -> int:
     if not values.get("AUTH_TOKEN"):
         raise Abort(f"{path} has no AUTH_TOKEN to rotate: run setup_secure.py first")
     values["AUTH_TOKEN"] = token or secrets.token_urlsafe(32)
     backup = save(path, values)
-    print(f"Wrote {path} (previous version: {backup}). Nothing else changed.")
-    print(f"\nNew AUTH_TOKEN (shown once, copy it to your clients now):\n\n    {values['AUTH_TOKEN']}\n")
+    print(f"Wrote {path} (previous version: {backup}). Nothing else changed.\n")
+    print(token_notice(values["AUTH_TOKEN"], path, new=True, show=show))
     print("Restart the server to use it (under systemd: sudo systemctl restart mcp-sse).")
     return 0
 
@@ -723,13 +788,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     environ = os.environ
     path: Path = args.output
+    show_token = args.show_token or sys.stdout.isatty()
     try:
         if not path.parent.is_dir():
             raise Abort(f"{path.parent} is not a directory")
         flags = _flag_values(args, environ)
         values = _read_current(path)
         if args.rotate_token:
-            return rotate_token(path, values, flags.get("AUTH_TOKEN"))
+            return rotate_token(path, values, flags.get("AUTH_TOKEN"), show=show_token)
         values.update(flags)  # empty values (--api-key NAME=, --tls-cert none) are left out of the file
         env_dir = path.parent.resolve()
         if args.non_interactive:
@@ -757,7 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for note in notes:
         print(note)
     print(f"Wrote {path} (mode 0600)" + (f"; previous version kept as {backup}" if backup else "") + ".")
-    print(next_steps(values, path, new_token, environ))
+    print(next_steps(values, path, new_token, environ, show_token=show_token))
     return 0
 
 

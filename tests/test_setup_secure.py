@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import datetime
 import json
@@ -9,8 +10,10 @@ import os
 import pty
 import re
 import select
+import socket
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import time
 from pathlib import Path
@@ -24,6 +27,7 @@ from cryptography.x509.oid import NameOID
 
 from mcp_sse.settings import read_env_file
 from mcp_sse.setup_env import Invalid, detect_addresses, format_env, mask
+from tests.conftest import launch
 
 REPO = Path(__file__).resolve().parents[1]
 SETUP = REPO / "setup_secure.py"
@@ -41,7 +45,8 @@ def child_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     return {
-        "PATH": os.environ["PATH"],
+        # `python` is this interpreter, as in the activated virtualenv a user runs setup from.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "HOME": str(home),
         "LANG": "C.UTF-8",
         "SSH_CLIENT": SSH_CLIENT,
@@ -51,15 +56,17 @@ def child_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 class Terminal:
     """setup_secure.py on a real pty: `expect` text, `send` a line as if typed."""
 
-    def __init__(self, tmp_path: Path, *args: str, umask: int = 0o022) -> None:
+    def __init__(
+        self, tmp_path: Path, *args: str, umask: int = 0o022, python: str = sys.executable, **env: str
+    ) -> None:
         master, slave = pty.openpty()
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", CTTY, str(SETUP), *args],
+            [python, "-c", CTTY, str(SETUP), *args],
             stdin=slave,
             stdout=slave,
             stderr=slave,
             cwd=tmp_path,
-            env=child_env(tmp_path),
+            env=child_env(tmp_path, **env),
             start_new_session=True,
             umask=umask,
         )
@@ -116,10 +123,12 @@ def terminals() -> list[Terminal]:
             term.proc.wait()
 
 
-def run(tmp_path: Path, *args: str, umask: int = 0o022, **env: str) -> subprocess.CompletedProcess[str]:
+def run(
+    tmp_path: Path, *args: str, umask: int = 0o022, python: str = sys.executable, **env: str
+) -> subprocess.CompletedProcess[str]:
     """Non-interactive, as CI or Ansible would: no terminal, stdin at EOF."""
     return subprocess.run(
-        [sys.executable, str(SETUP), *args],
+        [python, str(SETUP), *args],
         cwd=tmp_path,
         env=child_env(tmp_path, **env),
         stdin=subprocess.DEVNULL,
@@ -127,6 +136,51 @@ def run(tmp_path: Path, *args: str, umask: int = 0o022, **env: str) -> subproces
         text=True,
         timeout=30,
         umask=umask,
+    )
+
+
+@pytest.fixture
+def fresh_python(tmp_path: Path) -> Path:
+    """A real Python with everything this one has but mcp-server-time, as after a plain
+    `pip install .`: a new virtualenv whose site-packages links to ours, less that package."""
+    venv = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    python = venv / "bin" / "python"
+    query = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    found = subprocess.run([python, "-c", query], capture_output=True, text=True, check=True, timeout=30)
+    theirs = Path(found.stdout.strip())
+    for ours in {Path(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")}:
+        for entry in ours.iterdir():
+            if not entry.name.startswith("mcp_server_time") and not (theirs / entry.name).exists():
+                (theirs / entry.name).symlink_to(entry)
+    assert subprocess.run([python, "-c", "import mcp_server_time"], capture_output=True).returncode == 1
+    return python
+
+
+def fresh_path(python: Path) -> str:
+    """A PATH on which `python` is `python`."""
+    return f"{python.parent}{os.pathsep}{os.environ['PATH']}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def printed(output: str, start: str, end: str) -> str:
+    """A block of the next steps, from the line starting with `start` to the end of `end`, dedented."""
+    output = output.replace("\r\n", "\n")
+    begin = output.index(f"\n    {start}") + 1
+    return textwrap.dedent(output[begin : output.index(end, begin) + len(end)])
+
+
+def shown_once(output: str, token: str) -> None:
+    """The token is on the screen exactly once, on the line under its label."""
+    lines = output.replace("\r\n", "\n").splitlines()
+    assert [i for i, line in enumerate(lines) if token in line] == [lines.index(f"    {token}")], output
+    assert (
+        lines[lines.index(f"    {token}") - 2] == "New AUTH_TOKEN (shown once, copy it to your clients now):"
     )
 
 
@@ -217,9 +271,10 @@ def test_defaults_give_a_working_private_env(tmp_path: Path, terminals: list[Ter
     assert json.loads(servers.read_text())["mcpServers"]["time"]["args"] == ["-m", "mcp_server_time"]
     assert not (tmp_path / ".env.bak").exists()
 
-    # The new token is shown where it has to be copied: curl, Claude Desktop, the SDK snippet.
+    # On a terminal the new token is shown once, labelled; curl, Claude Desktop and the SDK name it.
     out, token = term.output, values["AUTH_TOKEN"]
-    assert f'curl -H "Authorization: Bearer {token}" http://127.0.0.1:3001/health' in out
+    shown_once(out, token)
+    assert 'curl -H "Authorization: Bearer $AUTH_TOKEN" http://127.0.0.1:3001/health' in out
     assert f"python server_secure.py --env-file {env_path}" in out
     assert "sudo systemd/install.sh" in out
     out = out.replace("\r\n", "\n")
@@ -231,9 +286,8 @@ def test_defaults_give_a_working_private_env(tmp_path: Path, terminals: list[Ter
         "--header",
         "Authorization: Bearer ${AUTH_TOKEN}",
     ]
-    assert remote["env"] == {"AUTH_TOKEN": token}
-    snippet = out[out.index("    import asyncio") : out.index("asyncio.run(main())") + 19]
-    compile(textwrap.dedent(snippet), "snippet", "exec")
+    assert remote["env"] == {"AUTH_TOKEN": f"<AUTH_TOKEN from {env_path}>"}
+    compile(printed(out, "import asyncio", "asyncio.run(main())"), "snippet", "exec")
 
 
 def test_bad_answers_are_asked_again_with_a_reason(tmp_path: Path, terminals: list[Terminal]) -> None:
@@ -492,8 +546,9 @@ def test_rotate_token_changes_only_the_token(tmp_path: Path) -> None:
     new = after["AUTH_TOKEN"]
     assert new != before["AUTH_TOKEN"] and TOKEN_RE.fullmatch(new)
     assert after == before | {"AUTH_TOKEN": new}
-    assert result.stdout.count(new) == 1  # printed once
-    assert before["AUTH_TOKEN"] not in result.stdout and before["SESSION_SECRET"] not in result.stdout
+    for secret in (new, before["AUTH_TOKEN"], before["SESSION_SECRET"]):  # not on a pipe: a log
+        assert secret not in result.stdout + result.stderr
+    assert f"New AUTH_TOKEN: in {env_path}, not printed as stdout is not a terminal" in result.stdout
     assert read_env_file(tmp_path / ".env.bak") == before
     assert mode(env_path) == mode(tmp_path / ".env.bak") == 0o600
 
@@ -538,3 +593,212 @@ def test_detect_addresses_is_local_only(monkeypatch: pytest.MonkeyPatch) -> None
     assert not any(a.startswith("fe80:") for a in found)
     monkeypatch.setenv("PATH", "")  # no `ip` command: the ioctl and /proc fallback
     assert {"127.0.0.1", "::1"} <= set(detect_addresses({}))
+
+
+# -- where a new token is shown: once, labelled, only to a terminal or when asked -------------------
+
+SPECIAL = 'Zq8$"kR#;vL2!mW&nB4(hY)pT7<gS>aE1`x'  # $, quotes, backtick: single-quoted in the file
+QUOTED = "Zq8\"kR#;vL2!mW&nB4'hY\\pT7<gS>aE1x"  # quotes and a backslash: double-quoted, escaped
+
+
+@pytest.mark.parametrize(
+    "given", [None, STRONG, SPECIAL, QUOTED], ids=["generated", "plain", "dollar", "quotes"]
+)
+def test_non_interactive_output_holds_no_token(tmp_path: Path, given: str | None) -> None:
+    env_path = tmp_path / "ci.env"
+    args = ["--non-interactive", "--output", str(env_path)] + (["--token", given] if given else [])
+    result = run(tmp_path, *args)
+    assert result.returncode == 0, result.stderr
+    token = read_env_file(env_path)["AUTH_TOKEN"]
+    assert token == (given or token)
+    # What a CI log would keep: neither stream has the token, or any part of it worth having.
+    for stream in (result.stdout, result.stderr):
+        assert token not in stream and mask(token) not in stream and token[:12] not in stream
+    assert f"New AUTH_TOKEN: in {env_path}, not printed as stdout is not a terminal" in result.stdout
+    assert 'Authorization: Bearer $AUTH_TOKEN"' in result.stdout
+
+    # The printed line loads it from the file into a shell, whatever characters it has.
+    load = printed(result.stdout, "export AUTH_TOKEN=", ')"')
+    shell = subprocess.run(
+        ["sh", "-c", f'{load}\nprintf %s "$AUTH_TOKEN"'],
+        cwd="/",
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert shell.returncode == 0 and shell.stdout == token, shell.stderr
+
+
+def test_show_token_prints_it_once_labelled(tmp_path: Path) -> None:
+    env_path = tmp_path / ".env"
+    result = run(tmp_path, "--non-interactive", "--show-token", "--output", str(env_path))
+    assert result.returncode == 0, result.stderr
+    token = read_env_file(env_path)["AUTH_TOKEN"]
+    shown_once(result.stdout, token)
+    assert token not in result.stderr
+
+    again = run(tmp_path, "--non-interactive", "--show-token", "--output", str(env_path))
+    assert again.returncode == 0, again.stderr
+    assert token not in again.stdout  # kept, so not new: nothing to copy
+    assert f"AUTH_TOKEN: kept, in {env_path}." in again.stdout
+
+
+def test_non_interactive_on_a_terminal_shows_the_new_token_once(
+    tmp_path: Path, terminals: list[Terminal]
+) -> None:
+    env_path = tmp_path / ".env"
+    term = Terminal(tmp_path, "--non-interactive", "--output", str(env_path))
+    terminals.append(term)
+    assert term.finish() == 0, term.output
+    shown_once(term.output, read_env_file(env_path)["AUTH_TOKEN"])
+
+
+def test_rotate_token_is_shown_only_on_a_terminal_or_when_asked(
+    tmp_path: Path, terminals: list[Terminal]
+) -> None:
+    env_path = tmp_path / ".env"
+    assert run(tmp_path, "--non-interactive", "--output", str(env_path)).returncode == 0
+
+    asked = run(tmp_path, "--rotate-token", "--show-token", "--output", str(env_path))
+    assert asked.returncode == 0, asked.stderr
+    shown_once(asked.stdout, read_env_file(env_path)["AUTH_TOKEN"])
+
+    term = Terminal(tmp_path, "--rotate-token", "--output", str(env_path))
+    terminals.append(term)
+    assert term.finish() == 0, term.output
+    shown_once(term.output, read_env_file(env_path)["AUTH_TOKEN"])
+
+    piped = run(tmp_path, "--rotate-token", "--output", str(env_path))
+    assert piped.returncode == 0, piped.stderr
+    token = read_env_file(env_path)["AUTH_TOKEN"]
+    assert token not in piped.stdout + piped.stderr
+    assert "--show-token prints it" in piped.stdout
+
+
+# -- the starter servers file: offered only when it can run --------------------------------------
+
+
+def test_starter_servers_file_is_refused_without_mcp_server_time(tmp_path: Path, fresh_python: Path) -> None:
+    env = {"PATH": fresh_path(fresh_python)}
+    args = ("--non-interactive", "--output", ".env", "--servers-file", "servers.json")
+    result = run(tmp_path, *args, python=str(fresh_python), **env)
+    assert result.returncode == 2, result.stdout
+    message = result.stderr.strip()
+    assert message.startswith(f"setup_secure.py: {tmp_path / 'servers.json'} does not exist, and no starter")
+    assert "pip install mcp-server-time" in message and "built-in tools" in message
+    assert f"which {fresh_python} cannot import" in message
+    assert "Traceback" not in message
+    assert not (tmp_path / ".env").exists() and not (tmp_path / "servers.json").exists()
+
+
+async def printed_client(output: str, tmp_path: Path, python: Path, env: dict[str, str]) -> str:
+    """Run the SDK snippet setup printed, with AUTH_TOKEN loaded by the line it printed, as a user
+    would paste both into a shell; its stdout."""
+    snippet = tmp_path / "client.py"
+    snippet.write_text(printed(output, "import asyncio", "asyncio.run(main())"))
+    load = printed(output, "export AUTH_TOKEN=", ')"')
+    client = await asyncio.create_subprocess_exec(
+        "sh",
+        "-c",
+        f'{load}\nexec "$0" "$1"',
+        str(python),
+        str(snippet),
+        cwd=tmp_path,
+        env=child_env(tmp_path, **env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(client.communicate(), 60)
+    assert client.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_first_run_without_mcp_server_time_serves_the_built_in_tools(
+    tmp_path: Path, terminals: list[Terminal], fresh_python: Path
+) -> None:
+    env_path = tmp_path / ".env"
+    env = {"PATH": fresh_path(fresh_python)}
+    prompts = [p for p in first_run_prompts(env_path) if p != "Create a starter file?"]
+
+    # A first run, every default taken: the built-in tools, and it says how to get the time server.
+    port = free_port()
+    first = term = Terminal(tmp_path, "--output", str(env_path), python=str(fresh_python), **env)
+    terminals.append(term)
+    term.answer(prompts[0])
+    term.answer(prompts[1], str(port))
+    for prompt in prompts[2:-2]:
+        term.answer(prompt)
+    shown = term.answer("MCP servers file", "")
+    assert "no starter servers file is offered" in shown and "pip install mcp-server-time" in shown
+    assert shown.endswith("or 'none' for the built-in one [none]: ")
+    term.answer(prompts[-1])
+    assert await asyncio.to_thread(term.finish) == 0, term.output
+    assert "MCP_SERVERS_FILE" not in read_env_file(env_path)
+    assert not (tmp_path / "servers.json").exists()
+
+    # A rerun naming a file that does not exist: told why no starter can be made, and asked again.
+    term = Terminal(tmp_path, "--output", str(env_path), python=str(fresh_python), **env)
+    terminals.append(term)
+    for prompt in prompts[:-2]:
+        term.answer(prompt)
+    term.answer("MCP servers file", "servers.json")
+    term.answer("Create a starter file?", "y")
+    assert "no starter file was made" in term.answer("MCP servers file", "none")
+    term.answer(prompts[-1])
+    assert await asyncio.to_thread(term.finish) == 0, term.output
+    assert not (tmp_path / "servers.json").exists()
+
+    script = str(REPO / "server_secure.py")
+    server = await launch(
+        [str(fresh_python), script, "--env-file", str(env_path)], env=child_env(tmp_path, **env), cwd=tmp_path
+    )
+    try:
+        assert server.url == f"http://127.0.0.1:{port}"
+        listed = await printed_client(first.output, tmp_path, fresh_python, env)
+        assert listed.strip() == "['echo', 'server_time', 'gateway_status']"
+    finally:
+        assert await server.stop() == 0
+
+
+async def test_setup_then_server_then_the_printed_client(tmp_path: Path) -> None:
+    """The first hour with mcp-server-time installed: the starter file passes --check-config, the
+    server serves it, and the SDK snippet setup printed, with the token it said how to load, works."""
+    env_path = tmp_path / ".env"
+    port = free_port()
+    args = (
+        "--non-interactive",
+        "--output",
+        str(env_path),
+        "--port",
+        str(port),
+        "--servers-file",
+        "servers.json",
+    )
+    setup = run(tmp_path, *args)
+    assert setup.returncode == 0, setup.stderr
+    token = read_env_file(env_path)["AUTH_TOKEN"]
+    assert token not in setup.stdout + setup.stderr
+    assert json.loads((tmp_path / "servers.json").read_text())["mcpServers"]["time"]["command"] == "python"
+
+    check = subprocess.run(
+        [sys.executable, str(REPO / "server_secure.py"), "--check-config", "--env-file", str(env_path)],
+        cwd=tmp_path,
+        env=child_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (check.returncode, check.stdout) == (0, "ok: 1 backend(s): time\n"), check.stderr
+
+    server = await launch(
+        [sys.executable, str(REPO / "server_secure.py"), "--env-file", str(env_path)],
+        env=child_env(tmp_path),
+        cwd=tmp_path,
+    )
+    try:
+        listed = await printed_client(setup.stdout, tmp_path, Path(sys.executable), {})
+        assert listed.strip() == "['get_current_time', 'convert_time']"
+    finally:
+        assert await server.stop() == 0
+    assert token not in server.stderr
