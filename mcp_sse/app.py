@@ -45,7 +45,7 @@ from .upstream.config import load_servers
 from .upstream.default import default_toolset
 from .upstream.isolation import PerSessionBackend
 
-__all__ = ["build_backends", "create_app", "end_identities", "reload_keys"]
+__all__ = ["build_backends", "create_app", "end_identities", "reload_keys", "revive_backends"]
 
 log = logging.getLogger("mcp_sse")
 
@@ -205,6 +205,17 @@ def reload_keys(app: web.Application) -> None:
         removed=", ".join(sorted(removed)),
         sessions_closed=ended,
     )
+
+
+def revive_backends(app: web.Application) -> int:
+    """SIGHUP, after the keys: every failed backend (or per-session child) starts again with a
+    fresh crash count, each audited; running ones and their sessions are left alone."""
+    started = 0
+    for name, backend in app[BACKENDS].items():
+        if children := backend.revive():
+            app[AUDIT].event("backend.restart", None, backend=name, reason="reload", children=children)
+            started += children
+    return started
 
 
 def end_identities(app: web.Application, key_ids: set[str]) -> int:

@@ -22,7 +22,7 @@ from aiohttp import web
 from cryptography.fernet import Fernet
 
 from . import __version__
-from .app import build_backends, create_app, reload_keys
+from .app import build_backends, create_app, reload_keys, revive_backends
 from .ops import sd_notify
 from .ops.connections import BACKLOG, AppRunner, fit_open_file_limit, quiet_accept_errors
 from .security.check import Finding, audit_settings
@@ -258,6 +258,7 @@ async def serve(settings: Settings, env_file: Path | None = None) -> None:
     def reload() -> None:
         sd_notify.notify("RELOADING=1", f"MONOTONIC_USEC={sd_notify.monotonic_usec()}")
         reload_keys(app)
+        revive_backends(app)  # failed backends start again; READY=1 does not wait for them
         sd_notify.notify("READY=1")
 
     loop.add_signal_handler(signal.SIGHUP, reload)

@@ -209,6 +209,9 @@ class AggregateBackend(Backend):
             self.resource_owner.setdefault(uri, names[0])
         return collisions
 
+    def revive(self) -> int:
+        return sum(backend.revive() for backend in self.backends.values())
+
     def tool_schema(self, name: str) -> dict[str, Any] | None:
         target = self.split(name)
         return self.backends[target[0]].tool_schema(target[1]) if target else None

@@ -60,6 +60,11 @@ class Backend(ABC):
     async def stop(self) -> None:  # noqa: B027 - optional hook
         """Stop serving and release every process and task."""
 
+    def revive(self) -> int:
+        """Give what has failed a fresh start (SIGHUP): its crash count forgotten, started again at
+        once. Returns at once, with how many children it started; what runs is left alone."""
+        return 0
+
     async def wait_ready(self, timeout: float) -> bool:  # noqa: ASYNC109 - a bound, not a cancel scope
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ready.wait(), timeout)
@@ -131,6 +136,17 @@ class StdioBackend(Backend):
 
     async def start(self) -> None:
         self._supervisor = asyncio.create_task(self._supervise(), name=f"backend-{self.name}")
+
+    def revive(self) -> int:
+        # Failed is final for the supervisor: it has returned, so a new one starts from a clean count.
+        if self.state != "failed" or self._stopping:
+            return 0
+        self.state = "starting"
+        self._ready.clear()  # callers now wait for this start, as for any other
+        self.restarts += 1
+        log.warning("backend %s: failed, started again on reload", self.name)
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"backend-{self.name}")
+        return 1
 
     async def _supervise(self) -> None:
         failures = 0

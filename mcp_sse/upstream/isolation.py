@@ -102,6 +102,10 @@ class PerSessionBackend(Backend):
         for _, child in self.children.values():
             child.abort(reason)
 
+    def revive(self) -> int:
+        # A child fails alone, for its one session: each failed one starts again for the same session.
+        return sum(child.revive() for _, child in list(self.children.values()))
+
     def tool_schema(self, name: str) -> dict[str, Any] | None:
         return next((child.tool_schema(name) for _, child in self.children.values()), None)
 

@@ -7,7 +7,9 @@ import gc
 import json
 import logging
 import os
+import secrets
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,9 +19,23 @@ import aiohttp
 import pytest
 from mcp import MCPError
 
+from mcp_sse.app import revive_backends
+from mcp_sse.state import BACKENDS
 from mcp_sse.upstream import backend as backend_module
-from tests.conftest import SDK_SERVER, SERVERS, Running, StartGateway, mcp_client, text_of
+from mcp_sse.upstream.aggregate import UNAVAILABLE_META
+from tests.conftest import SDK_SERVER, SERVERS, Running, StartGateway, launch, mcp_client, text_of
+from tests.reliability.harness import (
+    FAULT_SERVER,
+    Streamable,
+    call,
+    fault_server,
+    poll,
+    text_result,
+    wait_until,
+)
+from tests.security.helpers import audit_lines
 
+REPO = Path(__file__).resolve().parents[2]
 SDK_PATH = str(SERVERS / "sdk_server.py")
 RAW_SERVER = {"command": sys.executable, "args": [str(SERVERS / "raw_server.py")]}
 
@@ -160,6 +176,115 @@ async def test_failed_backend_answers_sessions_already_open(
             await client.call_tool("echo", {"text": "x"})
         assert time.monotonic() - started < 5
         assert "'test' is failed" in info.value.message
+
+
+def _gated(flag: Path) -> dict[str, Any]:
+    """A backend that exits at once until `flag` exists, then is the fault server."""
+    script = '[ -f "$0" ] || exit 1; exec "$1" "$2"'
+    return {"command": "sh", "args": ["-c", script, str(flag), sys.executable, FAULT_SERVER]}
+
+
+async def test_reload_gives_a_failed_backend_a_fresh_start_and_leaves_running_ones_alone(
+    start_gateway: StartGateway, fast_backoff: None, tmp_path: Path
+) -> None:
+    flag = tmp_path / "may-start"
+    gw = await start_gateway({"flaky": _gated(flag), "steady": fault_server()})
+    steady = await wait_for_state(gw, "running", name="steady", timeout=30)
+    failed = await wait_for_state(gw, "failed", name="flaky", timeout=30)
+    assert failed["restarts"] == backend_module.CRASH_LOOP_COUNT - 1
+    async with aiohttp.ClientSession() as http:
+        # One session on the aggregate (which leaves the failed backend out), one on the steady backend.
+        both = await Streamable(http, gw.url, gw.token).initialize()
+        own = await Streamable(http, gw.url, gw.token, "/servers/steady/mcp").initialize()
+        listed = await both.request({"jsonrpc": "2.0", "id": "l1", "method": "tools/list"})
+        assert listed["result"]["_meta"][UNAVAILABLE_META] == ["flaky"]
+
+        # Still failing: a fresh start means a fresh count, CRASH_LOOP_COUNT more tries, not one.
+        assert revive_backends(gw.app) == 1
+        again = await wait_for_state(gw, "failed", name="flaky", timeout=30)
+        assert again["restarts"] == 2 * backend_module.CRASH_LOOP_COUNT - 1, again
+        # Fixed: the next reload brings it back, for the session that was already open.
+        flag.touch()
+        assert revive_backends(gw.app) == 1
+        assert revive_backends(gw.app) == 0  # starting already: not started twice
+        revived = await wait_for_state(gw, "running", name="flaky", timeout=30)
+        assert revived["restarts"] == 2 * backend_module.CRASH_LOOP_COUNT
+        reply = await both.request(call("c1", "flaky__echo", text="back"))
+        assert text_result(reply) == "back"
+        assert text_result(await own.request(call("c2", "echo", text="same"))) == "same"
+        assert revive_backends(gw.app) == 0  # nothing failed: nothing restarted
+    after = await server_status(gw, "steady")
+    assert (after["pid"], after["restarts"]) == (steady["pid"], 0)
+    restarts = [e for e in audit_lines(tmp_path / "audit.log") if e["event"] == "backend.restart"]
+    assert [(e["backend"], e["reason"], e["children"]) for e in restarts] == [("flaky", "reload", 1)] * 2
+
+
+async def test_reload_gives_a_failed_per_session_child_a_fresh_start_for_its_session(
+    start_gateway: StartGateway, fast_backoff: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(backend_module, "CRASH_LOOP_COUNT", 1)  # the first crash fails a child
+    gw = await start_gateway({"iso": {**fault_server(), "isolation": "per-session"}})
+    async with aiohttp.ClientSession() as http:
+        crashing = await Streamable(http, gw.url, gw.token).initialize()
+        bystander = await Streamable(http, gw.url, gw.token).initialize()
+        other_pid = text_result(await bystander.request(call("p0", "pid")))
+        assert "error" in await crashing.request(call("c0", "exit", code=3))
+        backend = gw.app[BACKENDS]["iso"]
+        child = backend.children[crashing.session_id][1]  # type: ignore[attr-defined]
+        assert await wait_until(lambda: child.state == "failed", 30)
+        assert "is failed" in (await crashing.request(call("c1", "echo", text="x")))["error"]["message"]
+
+        assert revive_backends(gw.app) == 1  # the failed child only
+        assert await wait_until(lambda: child.state == "running", 30)
+        assert text_result(await crashing.request(call("c2", "echo", text="back"))) == "back"
+        assert text_result(await bystander.request(call("p1", "pid"))) == other_pid
+    restarts = [e for e in audit_lines(tmp_path / "audit.log") if e["event"] == "backend.restart"]
+    assert [(e["backend"], e["reason"], e["children"]) for e in restarts] == [("iso", "reload", 1)]
+
+
+async def test_sighup_revives_a_failed_backend_in_a_real_server(tmp_path: Path) -> None:
+    flag = tmp_path / "may-start"
+    servers = tmp_path / "servers.json"
+    servers.write_text(json.dumps({"mcpServers": {"flaky": _gated(flag)}}))
+    (tmp_path / "empty.env").write_text("")
+    token = secrets.token_urlsafe(32)
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "AUTH_TOKEN": token,
+        "AUDIT_LOG": str(tmp_path / "audit.log"),
+        "PYTHONPATH": str(REPO),
+        "RATE_LIMIT_MAX_REQUESTS": "100000",  # the polling below is not what is tested
+    }
+    # The real command line and its signal handlers, with the backoff shortened so five crashes are quick.
+    code = (
+        "import sys; from mcp_sse.upstream import backend; backend.BACKOFF_BASE = 0.02; "
+        "from mcp_sse.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    argv = [sys.executable, "-c", code, "serve", "--host", "127.0.0.1", "--port", "0"]
+    server = await launch(
+        [*argv, "--config", str(servers), "--env-file", str(tmp_path / "empty.env")], env=env, cwd=tmp_path
+    )
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+
+            async def flaky() -> dict[str, Any]:
+                async with http.get(f"{server.url}/mcp/servers") as response:
+                    assert response.status == 200
+                    return dict((await response.json())["servers"][0])
+
+            assert (await poll(flaky, lambda s: s["state"] == "failed", 30, 0.1))["state"] == "failed"
+            flag.touch()
+            server.process.send_signal(signal.SIGHUP)
+            status = await poll(flaky, lambda s: s["state"] == "running", 30, 0.1)
+            assert status["state"] == "running", status
+    finally:
+        exit_code = await server.stop()
+    assert exit_code == 0, server.stderr
+    assert "flaky: failed, started again on reload" in server.stderr
+    assert "Traceback" not in server.stderr
+    events = [e["event"] for e in audit_lines(tmp_path / "audit.log")]
+    assert "keys.reload" in events and "backend.restart" in events
 
 
 async def test_missing_command_is_failed_with_a_clear_error(
