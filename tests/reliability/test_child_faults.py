@@ -441,3 +441,27 @@ async def test_malformed_answer_fails_its_call_with_a_clear_error(
         r.getMessage().startswith("backend f ") for r in caplog.records if r.levelno == logging.WARNING
     )
     assert status["pid"] == pid and status["restarts"] == 0
+
+
+async def test_malformed_request_from_the_child_is_answered_with_invalid_request(
+    start_gateway: StartGateway, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    record = tmp_path / "received.jsonl"
+    gw = await start_gateway({"f": fault_server(record=record, timeout=30)})
+    bad = '{"jsonrpc": "2.0", "id": "ask", "method": "sampling/createMessage", "params": 7}'
+    async with aiohttp.ClientSession() as http:
+        await running(http, gw, "f")
+        client = await Streamable(http, gw.url, gw.token).initialize()
+        status, messages = await client.post(call("c", "emit", lines=[bad]))
+        assert status == 200 and [m.get("id") for m in messages] == ["c"], messages  # not sent to the client
+
+        def answers() -> list[dict[str, Any]]:
+            return [m for m in recorded(record) if m.get("id") == "ask" and "method" not in m]
+
+        # The child is told, so it does not wait for an answer that will never come.
+        assert await wait_until(lambda: bool(answers()), 30)
+    (answer,) = answers()
+    assert answer["error"]["code"] == -32600
+    assert answer["error"]["message"] == 'Invalid Request: "params" must be an object'
+    assert _problems(caplog) == []
