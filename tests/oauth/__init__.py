@@ -1,0 +1,1 @@
+"""OAuth: protected-resource metadata, challenges, access-token verification against a real provider."""
