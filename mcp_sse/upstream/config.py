@@ -42,6 +42,13 @@ _HEADER = re.compile(r"[A-Za-z0-9-]{1,64}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _MODULE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 FORBIDDEN_FROM_HEADERS: Final = frozenset({"authorization", "cookie", "proxy-authorization"})
+# A caller's header must never choose what the child runs, loads or trusts: the loader's and the
+# interpreters' search paths and option variables, the shell's start-up files, proxies and CA bundles.
+RUNTIME_VARIABLES: Final = frozenset(
+    {"PATH", "HOME", "SHELL", "IFS", "ENV", "BASH_ENV", "TMPDIR", "GCONV_PATH", "JAVA_TOOL_OPTIONS"}
+    | {"_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE"}
+)
+RUNTIME_PREFIXES: Final = ("LD_", "DYLD_", "PYTHON", "NODE_", "NPM_CONFIG_", "PERL", "RUBY", "GIT_")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _PYTHON = re.compile(r"(python|pypy)[0-9.]*")  # python, python3, python3.12, pypy3
@@ -133,6 +140,12 @@ def _isolation(entry: dict[str, Any], where: str) -> dict[str, Any]:
             )
         if not isinstance(variable, str) or not _ENV_NAME.fullmatch(variable) or variable in GATEWAY_SECRETS:
             raise ConfigError(f"{where}.env_from_headers.{header}: not an environment variable name")
+        upper = variable.upper()
+        if upper in RUNTIME_VARIABLES or upper.endswith("_PROXY") or upper.startswith(RUNTIME_PREFIXES):
+            raise ConfigError(
+                f"{where}.env_from_headers.{header}: {variable} decides what the child runs or trusts;"
+                " a caller's header may not set it"
+            )
     return {
         "isolation": isolation,
         "max_sessions": limit,

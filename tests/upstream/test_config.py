@@ -272,3 +272,13 @@ def test_cli_check_config_unset_variable(tmp_path: Path, form: tuple[str, ...]) 
     assert done.returncode != 0
     assert "MCP_SSE_SURELY_UNSET" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "variable", ["PATH", "LD_PRELOAD", "PYTHONPATH", "NODE_OPTIONS", "BASH_ENV", "HTTPS_PROXY", "home"]
+)
+def test_a_callers_header_cannot_choose_what_the_child_runs(tmp_path: Path, variable: str) -> None:
+    # The attacker's side: a header mapped to LD_PRELOAD or PATH would let any caller pick the code
+    # a per-session child loads.
+    entry = {"command": "x", "isolation": "per-session", "env_from_headers": {"X-Evil": variable}}
+    assert "a caller's header may not set it" in error_of(write(tmp_path, servers(iso=entry)))
