@@ -10,7 +10,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -121,7 +120,6 @@ def test_public_host_without_token_refuses_before_binding(
 ) -> None:
     # Binding first would fail differently (address in use / not available, exit 1): exit 2 naming
     # AUTH_TOKEN proves the refusal came before any socket.
-    started = time.monotonic()
     done = run(SCRIPT, "--host", host, "--port", str(occupied_port), "--env-file", empty_env_file, env=env)
     assert done.returncode == 2, done.stderr
     assert "AUTH_TOKEN" in done.stderr
@@ -130,7 +128,6 @@ def test_public_host_without_token_refuses_before_binding(
     assert "in use" not in done.stderr and "assign" not in done.stderr
     assert "listening" not in done.stderr
     assert "Bearer" not in done.stdout + done.stderr  # no token was generated for a public address
-    assert time.monotonic() - started < 10
 
 
 def test_public_host_from_environment_with_empty_token_refuses(
@@ -176,9 +173,7 @@ async def test_loopback_generates_a_token_once_and_serves(env: dict[str, str], e
         status, _ = await get_health(server.url, "")
         assert status == 401
 
-        started = time.monotonic()
         assert await server.stop() == 0
-        assert time.monotonic() - started < 15
         stdout = await server.process.stdout.read() if server.process.stdout else b""
     # Printed once, on its labelled line; not in the config, a log line, stdout, or at shutdown.
     with_token = [line.strip() for line in server.lines if token in line]
