@@ -1,0 +1,200 @@
+"""The gateway's own access tokens: JWTs (RFC 9068 profile) signed with a key made on first start.
+
+The signing key is an ES256 (P-256) key in `<state_dir>/oauth-signing-key.pem`, created 0600
+and never rewritten; its public half is published at `/oauth/jwks.json`. Verification is
+PyJWT with a fixed configuration: only ES256, only our key (the header's `kid` and `alg`
+decide nothing), `typ` at+jwt, `iss` ours, `aud` exactly the resource asked about (RFC 8707),
+and the required claims present. Expiry is checked against the server's clock, so tests
+can move time instead of waiting.
+
+A signature is not enough for our tokens to count: the grant must still be live (revocation,
+refresh-token reuse and code reuse end it at once) and the approving key must still be in
+force with the same secret (`KeyStore.current` after every SIGHUP reload or expiry).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.types import Options
+
+from ..security.keys import ApiKey, Role
+
+__all__ = [
+    "ALGORITHM",
+    "ROLE_SCOPES",
+    "SCOPE_ROLES",
+    "TOKEN_TYPE",
+    "OwnToken",
+    "SigningKey",
+    "TokenRefused",
+    "capped_role",
+    "key_fingerprint",
+]
+
+ALGORITHM: Final = "ES256"
+# RFC 9068 section 2.1: no other JWT can be mistaken for an access token.
+TOKEN_TYPE: Final = "at+jwt"  # noqa: S105 (a media type, not a secret)
+SIGNING_KEY_FILE: Final = "oauth-signing-key.pem"
+SCOPE_ROLES: Final[dict[str, Role]] = {
+    "mcp:admin": "admin",
+    "mcp:operator": "operator",
+    "mcp:viewer": "viewer",
+}
+ROLE_SCOPES: Final[dict[Role, str]] = {role: scope for scope, role in SCOPE_ROLES.items()}
+_RANK: Final[dict[Role, int]] = {"viewer": 0, "operator": 1, "admin": 2}
+REQUIRED_CLAIMS: Final = ("iss", "aud", "sub", "exp", "iat", "jti", "scope", "client_id", "gid")
+
+
+def capped_role(a: Role, b: Role) -> Role:
+    """The lesser of two roles: a token never grants more than its key or its scope."""
+    return a if _RANK[a] <= _RANK[b] else b
+
+
+def key_fingerprint(key: ApiKey) -> str:
+    """Names the key's secret without revealing it: a key re-issued under the same id (a new
+    secret) has a new fingerprint, so grants the old secret approved end with it."""
+    return hashlib.sha256(b"mcp-sse-oauth-key:" + key.sha256).hexdigest()[:32]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class SigningKey:
+    """The ES256 key tokens are signed with, and its JWK (RFC 7517) with an RFC 7638 thumbprint kid."""
+
+    def __init__(self, private_key: ec.EllipticCurvePrivateKey) -> None:
+        if not isinstance(private_key.curve, ec.SECP256R1):
+            raise ValueError("the OAuth signing key must be a P-256 (ES256) key")
+        self.private_key = private_key
+        self.public_key = private_key.public_key()
+        numbers = self.public_key.public_numbers()
+        x, y = _b64(numbers.x.to_bytes(32, "big")), _b64(numbers.y.to_bytes(32, "big"))
+        # RFC 7638 section 3.2: the required members, in lexicographic order, no whitespace.
+        canonical = json.dumps({"crv": "P-256", "kty": "EC", "x": x, "y": y}, separators=(",", ":"))
+        self.kid = _b64(hashlib.sha256(canonical.encode()).digest())
+        self.jwk: dict[str, str] = {
+            "kty": "EC",
+            "crv": "P-256",
+            "x": x,
+            "y": y,
+            "kid": self.kid,
+            "use": "sig",
+            "alg": ALGORITHM,
+        }
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        return cls(ec.generate_private_key(ec.SECP256R1()))
+
+    @classmethod
+    def load_or_create(cls, state_dir: Path) -> SigningKey:
+        """The key in `state_dir`, made there (0600) on first start.
+
+        Refuses a key file others can read: whoever reads it can mint tokens for every key.
+        """
+        path = state_dir / SIGNING_KEY_FILE
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            return cls._load(path)
+        except FileNotFoundError:
+            pass
+        key = cls.generate()
+        pem = key.private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        temporary = state_dir / f".{SIGNING_KEY_FILE}.{os.getpid()}.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(pem)
+                file.flush()
+                os.fsync(file.fileno())
+            # link() never replaces: if another process made the key meanwhile, theirs is kept.
+            with contextlib.suppress(FileExistsError):
+                os.link(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return cls._load(path)
+
+    @classmethod
+    def _load(cls, path: Path) -> SigningKey:
+        fd = os.open(path, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as file:
+            mode = stat.S_IMODE(os.fstat(file.fileno()).st_mode)
+            if mode & 0o077:
+                raise ValueError(
+                    f"{path} is readable by others (mode {mode:o}): chmod 600 it; anyone who can read it "
+                    "can sign tokens for every key"
+                )
+            data = file.read()
+        try:
+            private = serialization.load_pem_private_key(data, password=None)
+        except ValueError:
+            raise ValueError(f"{path} is not a PEM private key; move it away to make a new one") from None
+        if not isinstance(private, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{path} is not an EC private key; move it away to make a new one")
+        return cls(private)
+
+    def sign(self, claims: Mapping[str, Any]) -> str:
+        return jwt.encode(
+            dict(claims), self.private_key, algorithm=ALGORITHM, headers={"kid": self.kid, "typ": TOKEN_TYPE}
+        )
+
+    def decode(self, token: str, *, issuer: str, audience: str | None) -> dict[str, Any]:
+        """The claims of a token this key signed, for this issuer and (if given) audience.
+
+        Raises jwt.PyJWTError. `exp`/`nbf` are not checked here: the caller checks them on its
+        own clock. Without an audience (revocation, RFC 7009) the audience is not checked.
+        """
+        header = jwt.get_unverified_header(token)
+        if header.get("typ") != TOKEN_TYPE or header.get("kid") != self.kid:
+            raise jwt.InvalidTokenError("not an access token of this server")
+        options: Options = {
+            "require": list(REQUIRED_CLAIMS),
+            "verify_exp": False,
+            "verify_nbf": False,
+            "verify_iat": False,
+            "verify_aud": audience is not None,
+            "strict_aud": audience is not None,  # one audience, equal to ours: no list, no prefix
+        }
+        claims: dict[str, Any] = jwt.decode(
+            token, self.public_key, algorithms=[ALGORITHM], issuer=issuer, audience=audience, options=options
+        )
+        return claims
+
+
+@dataclass(frozen=True)
+class OwnToken:
+    """A verified access token of this server. Field names follow oauth.resource's VerifiedToken."""
+
+    issuer: str
+    subject: str  # the approving key's id
+    client_id: str
+    scopes: frozenset[str]
+    expires_at: float
+    claims: Mapping[str, Any]
+    grant_id: str
+    resource: str
+    key: ApiKey  # as it stands now: its policy (backends, tools, rate limit) applies
+    role: Role  # the lesser of the token's scope and the key's current role
+
+
+@dataclass(frozen=True)
+class TokenRefused:
+    """Why a token does not count, fit for an audit line and an `error_description`; never the token."""
+
+    reason: str
