@@ -538,7 +538,7 @@ class ClientRegistry:
             client = await self.fetcher.get(client_id)
         elif len(client_id) > 200 or (stored := await self.store.get_client(client_id)) is None:
             raise ClientError(
-                "this client is not registered here (registrations that go unused expire); "
+                "it is not registered (registrations that go unused expire); "
                 "connect again from the app to register it anew"
             )
         else:

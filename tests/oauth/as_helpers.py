@@ -118,7 +118,7 @@ async def start_as(
     keys: Keys | None = None,
     state_dir: Path | None = None,
     port: int | None = None,
-    extra_routes: Callable[[web.Application, str], None] | None = None,
+    extra_routes: Callable[[web.Application, str, OAuthServer], None] | None = None,
     **overrides: Any,
 ) -> AS:
     """An OAuthServer on 127.0.0.1:<port>, started. Close it with `await running.http.close()`."""
@@ -151,7 +151,7 @@ async def start_as(
     app = web.Application(middlewares=[session_middleware(storage)])
     add_oauth_server_routes(app, server)
     if extra_routes is not None:
-        extra_routes(app, url)
+        extra_routes(app, url, server)
     install_security_headers(app, hsts=False)
     http = TestServer(app, host="127.0.0.1", port=port)
     await http.start_server()
