@@ -247,7 +247,11 @@ CLI_FORMS = [("-m", "mcp_sse", "check-config"), ("server_secure.py", "--check-co
 
 @pytest.mark.parametrize("form", CLI_FORMS, ids=["module", "script"])
 def test_cli_check_config_ok(tmp_path: Path, form: tuple[str, ...]) -> None:
-    path = write(tmp_path, servers(alpha={"command": "x", "env": {"K": "${MY_KEY}"}}, beta={"command": "y"}))
+    # Commands that exist: --check-config also checks that each child could start.
+    path = write(
+        tmp_path,
+        servers(alpha={"command": "true", "env": {"K": "${MY_KEY}"}}, beta={"command": sys.executable}),
+    )
     done = run_cli(*form, "--config", str(path), tmp_path=tmp_path, MY_KEY="v")
     assert done.returncode == 0, done.stderr
     assert "ok" in done.stdout
