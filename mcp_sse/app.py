@@ -110,7 +110,7 @@ def create_app(
         url_auth=settings.url_auth,
         health_public=settings.health_public,
         allowed_origins=frozenset(settings.allowed_origins),
-        rate_limit=settings.rate_limit_max_requests,
+        rate_limit=settings.key_rate_limit,
         max_streams=settings.max_streams_per_key,
     )
     # Outermost first: reading this list is reading the path of every request.

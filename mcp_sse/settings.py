@@ -19,6 +19,7 @@ from typing import Any, Final
 __all__ = [
     "DEFAULT_PORT",
     "GATEWAY_SECRETS",
+    "KEY_RATE_LIMIT_DEFAULT",
     "Secret",
     "Settings",
     "SettingsError",
@@ -27,6 +28,8 @@ __all__ = [
 ]
 
 DEFAULT_PORT: Final = 3001
+KEY_RATE_LIMIT_DEFAULT: Final = 9000
+"""Requests per key per rate-limit window: 10 a second, sustained over the default 15 minutes."""
 GATEWAY_SECRETS: Final = frozenset({"AUTH_TOKEN", "SESSION_SECRET"})
 """Never passed on to backend children: a compromised MCP server must not learn them."""
 _ENV_LINE = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*")
@@ -170,8 +173,15 @@ class Settings:
     rate_limit_window_ms: int = field(
         default=900_000, metadata={"env": "RATE_LIMIT_WINDOW_MS", "parse": _positive(int)}
     )
+    # The security guide's limit (100 per 15 minutes), per client address: what arrives without
+    # credentials and every failed credential pays it.
     rate_limit_max_requests: int = field(
         default=100, metadata={"env": "RATE_LIMIT_MAX_REQUESTS", "parse": _positive(int)}
+    )
+    # Authenticated requests are counted per key on the same window. None: KEY_RATE_LIMIT_DEFAULT,
+    # or RATE_LIMIT_MAX_REQUESTS when that is higher (see `key_rate_limit`).
+    key_rate_limit_max_requests: int | None = field(
+        default=None, metadata={"env": "KEY_RATE_LIMIT_MAX_REQUESTS", "parse": _positive(int)}
     )
     lockout_failures: int = field(
         default=10, metadata={"env": "AUTH_LOCKOUT_FAILURES", "parse": _positive(int)}
@@ -215,6 +225,19 @@ class Settings:
         if "*" in self.allowed_origins:
             # With credentials allowed, "*" would let any web page read the answers.
             raise SettingsError("ALLOWED_ORIGINS cannot be '*': list the exact origins")
+
+    @property
+    def key_rate_limit(self) -> int:
+        """Requests per window for a key without its own `rate_limit` in the keys file.
+
+        Not RATE_LIMIT_MAX_REQUESTS: one agent session (Claude Code, Claude Desktop through
+        mcp-remote) makes more than 100 requests in 15 minutes, each legacy-SSE answer and
+        notification being a POST of its own. Never below the per-address limit either: a key
+        is not held tighter than a caller without one.
+        """
+        if self.key_rate_limit_max_requests is not None:
+            return self.key_rate_limit_max_requests
+        return max(KEY_RATE_LIMIT_DEFAULT, self.rate_limit_max_requests)
 
     @property
     def loopback(self) -> bool:

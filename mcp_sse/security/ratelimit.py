@@ -1,6 +1,11 @@
-"""Rate limits: requests per client, failed logins per client, open streams per key.
+"""Rate limits: requests per client and per key, failed logins per client, open streams per key.
 
-All three are in memory, per process, and bounded: at most `max_keys` keys are tracked and
+Two budgets on one window: an address pays for what arrives without credentials and for every
+failed credential (RATE_LIMIT_MAX_REQUESTS, the security guide's 100 per 15 minutes); an
+authenticated request is counted against its key instead (KEY_RATE_LIMIT_MAX_REQUESTS, or the
+key's own `rate_limit`), so a flood from an address never throttles the keys used there.
+
+All of it is in memory, per process, and bounded: at most `max_keys` keys are tracked and
 the least recently seen is forgotten first, so a flood of new addresses costs a fixed amount
 of memory (it can at worst reset the count of an idle client, never grow without end).
 IPv6 clients are counted per /64: one subscriber usually holds a whole /64, and counting

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from mcp import MCPError
+from mcp import MCPError, types
 
 from mcp_sse.app import reload_keys
 from mcp_sse.security.keys import generate_key
@@ -322,17 +322,63 @@ async def test_security_headers_on_json_and_sse(start_gateway: StartGateway, htt
 # -- rate limits and lockout ------------------------------------------------------------------
 
 
-async def test_per_key_limit_answers_429_with_its_headers(start_gateway: StartGateway, http: Any) -> None:
-    gw = await start_gateway(rate_limit_max_requests=5, rate_limit_window_ms=60_000)
+async def test_a_key_has_its_own_budget_apart_from_the_address_limit(
+    start_gateway: StartGateway, http: Any, tmp_path: Path
+) -> None:
+    own_secret, own = new_key("own-limit", rate_limit=2)
+    write_keys(tmp_path / "keys.json", own)
+    gw = await start_gateway(
+        rate_limit_max_requests=3,
+        key_rate_limit_max_requests=5,
+        rate_limit_window_ms=60_000,
+        keys_file=tmp_path / "keys.json",
+    )
+    # An unauthenticated flood from 127.0.0.1 uses up the address's budget...
+    assert [(await http.get(gw.url + "/health")).status for _ in range(3)] == [401] * 3
+    flooded = await http.get(gw.url + "/health")
+    assert flooded.status == 429 and int(flooded.headers["Retry-After"]) >= 1
+    assert flooded.headers["RateLimit-Policy"] == '"default";q=3;w=60'
+    # ...and nothing of the key's, counted apart: exactly its 5, then the 6th is 429 on its own quota.
     statuses = [(await http.get(gw.url + "/health", headers=gw.headers)).status for _ in range(5)]
     assert statuses == [200] * 5
     refused = await http.get(gw.url + "/health", headers=gw.headers)
     assert refused.status == 429
     assert int(refused.headers["Retry-After"]) >= 1
-    assert refused.headers["RateLimit-Policy"].startswith('"key";q=5;w=60')
+    assert refused.headers["RateLimit-Policy"] == '"key";q=5;w=60'
     # The limit names the policy it is counted against, as the IETF draft has clients match them.
     assert refused.headers["RateLimit"].startswith('"key";r=0;t=')
     assert (await refused.json())["error"].startswith("Too many requests")
+    # A key's own rate_limit in KEYS_FILE wins over KEY_RATE_LIMIT_MAX_REQUESTS.
+    mine = [(await http.get(gw.url + "/health", headers=bearer(own_secret))).status for _ in range(3)]
+    assert mine == [200, 200, 429]
+
+
+def key_spent(response: aiohttp.ClientResponse, limit: int) -> int:
+    """Requests counted against the key so far, this one included, from its RateLimit header."""
+    assert response.headers["RateLimit-Policy"] == f'"key";q={limit};w=900'
+    remaining = int(response.headers["RateLimit"].split(";")[1].removeprefix("r="))
+    return limit - remaining
+
+
+@pytest.mark.parametrize("transport", ["sse", "streamable"])
+async def test_a_default_key_serves_an_agent_far_past_the_per_address_limit(
+    start_gateway: StartGateway, http: Any, transport: str
+) -> None:
+    # The guide's settings (100 requests per 15 minutes per address) and the keys' own default.
+    gw = await start_gateway({"test": SDK_SERVER}, rate_limit_max_requests=100)
+
+    async def sampler(context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        return types.CreateMessageResult(
+            role="assistant", content=types.TextContent(type="text", text="yes"), model="m"
+        )
+
+    calls = 60  # each asks the client's model: the call and the client's answer are a POST each
+    async with mcp_client(gw.url, gw.token, transport=transport, sampling_callback=sampler) as client:
+        for _ in range(calls):
+            assert text_of(await client.call_tool("ask_llm", {"question": "ok?"})) == "yes"
+    spent = key_spent(await http.get(gw.url + "/health", headers=gw.headers), 9000)
+    # Two requests per call (the client's answers to the server count too) and a few for the session.
+    assert 2 * calls < spent <= 2 * calls + 8
 
 
 async def test_failed_attempts_lock_the_address_out(

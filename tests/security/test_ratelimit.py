@@ -23,6 +23,7 @@ from mcp_sse.security.ratelimit import (
     ip_rate_limit_middleware,
     rate_limit_middleware,
 )
+from mcp_sse.settings import KEY_RATE_LIMIT_DEFAULT, Settings
 
 from .helpers import audit_lines, make_app, read_event
 
@@ -158,6 +159,20 @@ def test_ipv6_clients_are_counted_per_64() -> None:
 def test_bad_settings_are_refused_at_build(audit: AuditLog, kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="RATE_LIMIT"):
         rate_limit_middleware(audit=audit, **kwargs)
+
+
+def test_keys_get_their_own_generous_default_and_addresses_keep_the_guides_limit() -> None:
+    seed = Settings()  # RATE_LIMIT_WINDOW_MS=900000, RATE_LIMIT_MAX_REQUESTS=100, as the guide had them
+    assert (seed.rate_limit_window_ms, seed.rate_limit_max_requests) == (900_000, 100)
+    assert seed.key_rate_limit == KEY_RATE_LIMIT_DEFAULT == 9000  # 10 a second for 15 minutes
+    # A key is never held tighter than an address: raising the address limit raises it too...
+    assert Settings(rate_limit_max_requests=100_000).key_rate_limit == 100_000
+    # ...unless KEY_RATE_LIMIT_MAX_REQUESTS says otherwise (a key's own rate_limit still wins over both).
+    loaded = Settings.load(environ={"KEY_RATE_LIMIT_MAX_REQUESTS": "40", "RATE_LIMIT_MAX_REQUESTS": "100"})
+    assert loaded.key_rate_limit == 40 and loaded.rate_limit_max_requests == 100
+    assert Settings.load(environ={"KEY_RATE_LIMIT_MAX_REQUESTS": ""}).key_rate_limit == 9000
+    with pytest.raises(ValueError, match="KEY_RATE_LIMIT_MAX_REQUESTS"):
+        Settings.load(environ={"KEY_RATE_LIMIT_MAX_REQUESTS": "0"})
 
 
 def test_lockout_after_n_failures_within_the_window() -> None:
