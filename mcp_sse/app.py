@@ -24,7 +24,7 @@ from .security.cors import setup_cors
 from .security.errors import error_middleware
 from .security.headers import install_security_headers
 from .security.ipfilter import ip_allowlist_middleware
-from .security.keys import KeysFileError, KeyStore
+from .security.keys import KeysFileError, KeyStore, digest
 from .security.origin import origin_middleware
 from .security.policy import KeyPolicy
 from .security.ratelimit import (
@@ -112,6 +112,10 @@ def create_app(
         allowed_origins=frozenset(settings.allowed_origins),
         rate_limit=settings.key_rate_limit,
         max_streams=settings.max_streams_per_key,
+        # The token a loopback start generates (256 random bits) is never refused by a lockout.
+        unguessable=frozenset(
+            {digest(settings.auth_token.reveal())} if settings.token_generated and settings.auth_token else ()
+        ),
     )
     # Outermost first: reading this list is reading the path of every request.
     middlewares = [

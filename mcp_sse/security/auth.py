@@ -13,13 +13,13 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from ..state import API_KEY, CLIENT_IP, IDENTITY
+from ..state import API_KEY, CLIENT_IP, IDENTITY, SESSIONS
 from .audit import AuditLog, digest
 from .cookies import Logins, login_from_cookie
 from .cors import is_preflight
 from .errors import forbidden, unauthorized
-from .keys import KeyStore, bearer_token
-from .ratelimit import LogThrottle, RateLimiter, StreamCounter, charge_key
+from .keys import ApiKey, KeyStore, bearer_token
+from .ratelimit import LOCKED_OUT, LogThrottle, RateLimiter, StreamCounter, charge_key, lockout_refusal
 
 __all__ = ["ROUTE_BACKENDS", "AuthSettings", "authentication", "authorization"]
 
@@ -34,7 +34,11 @@ class AuthSettings:
     health_public: bool
     allowed_origins: frozenset[str]
     rate_limit: int
+    """Requests per window for a key without its own `rate_limit` (KEY_RATE_LIMIT_MAX_REQUESTS)."""
     max_streams: int
+    unguessable: frozenset[bytes] = frozenset()
+    """SHA-256 digests of secrets this process generated itself (the per-run AUTH_TOKEN of a
+    loopback start): 256 random bits, which no guess hits, so a lockout need not refuse them."""
 
 
 def _presented_token(request: web.Request, url_auth: bool) -> str | None:
@@ -50,6 +54,31 @@ def _presented_token(request: web.Request, url_auth: bool) -> str | None:
                 raise unauthorized("tokens in the URL are refused; send Authorization: Bearer <token>")
             return request.query[name]
     return None
+
+
+def _admitted_while_locked(request: web.Request, key: ApiKey | None, unguessable: frozenset[bytes]) -> bool:
+    """May this bearer key pass although its address is locked out (LOCKED_OUT)?
+
+    SECURITY: lock out the guesser, not the owner, without handing the guesser an oracle. A
+    key passes only on what a guess cannot produce: a secret this process generated (256
+    random bits), or a request that names a live MCP session of that very key (its id, 256
+    random bits, was given only to the key's client, and a guess of the secret does not come
+    with it). So the owner's running sessions and the default loopback run's token keep working
+    whoever fails from the same address. A correct secret alone is refused: from a locked
+    address the owner and a guesser who just hit it look the same. That rules out letting
+    through keys "seen succeeding recently" too: a key in use is the one a guesser sharing the
+    address (any local process on 127.0.0.1, a NAT) wants, and each refusal would then be a free
+    "wrong", unlimited for the whole lockout. Nothing about the key (its quota headers, an
+    audit line of success or failure) is given out before this decision, so a refused right
+    secret gets the very 429 a wrong one gets.
+    """
+    query = request.query  # Streamable HTTP names its session in a header, legacy SSE in the query
+    named = request.headers.get("Mcp-Session-Id") or query.get("session_id") or query.get("sessionId")
+    session = request.app[SESSIONS].get(named)
+    return key is not None and (
+        key.sha256 in unguessable
+        or (session is not None and not session.closed and session.identity == key.id)
+    )
 
 
 ROUTE_BACKENDS: Final = web.AppKey("route_backends", dict[str, str])
@@ -80,10 +109,16 @@ def authentication(
             return web.json_response({"status": "ok"})  # bare liveness for load balancers, nothing more
         if token is not None:
             key = keys.verify(token)
+            if (left := request.get(LOCKED_OUT)) is not None and not _admitted_while_locked(
+                request, key, settings.unguessable
+            ):
+                raise lockout_refusal(left)  # audited by the rate-limit layer, as every refusal of a lockout
             if key is None:
                 audit.event("auth.failed", request, token_sha256=digest(token.encode()))
                 raise unauthorized("Invalid token")
         else:
+            # A cookie login passes a lockout: its id is random and sealed, nothing a guess makes.
+            # A dead one is a 401, which the rate-limit layer turns into the lockout's 429.
             login = await login_from_cookie(request, logins) if logins is not None else None
             key = keys.current(login.key_id) if login is not None else None
             if login is None or key is None:

@@ -15,9 +15,11 @@ single addresses would give them 2**64 budgets.
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 import json
 import math
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
@@ -32,21 +34,27 @@ from .audit import AuditLog
 from .cors import is_preflight
 
 __all__ = [
+    "LOCKED_OUT",
     "MAX_KEYS",
     "Decision",
     "FailureLockout",
+    "LockedOut",
     "LogThrottle",
     "RateLimiter",
     "StreamCounter",
     "address_key",
+    "fingerprint",
     "install_rate_limit_headers",
     "ip_rate_limit_middleware",
+    "lockout_refusal",
     "rate_limit_headers",
     "rate_limit_middleware",
 ]
 
 MAX_KEYS: Final = 100_000
 TOO_MANY: Final = "Too many requests, retry later"
+LOCKED: Final = "Too many failed authentication attempts from your address, retry later"
+_FINGERPRINT_KEY: Final = secrets.token_bytes(16)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -190,9 +198,32 @@ class LogThrottle:
         return True
 
 
+def fingerprint(credential: str) -> int:
+    """64 bits of a keyed hash of a presented credential: enough to tell a repeat from a new guess.
+
+    Keyed with a secret of this process, so nobody can pick two different guesses that count as one.
+    """
+    raw = credential.encode("utf-8", "surrogateescape")
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8, key=_FINGERPRINT_KEY).digest(), "big")
+
+
+class _Failures(NamedTuple):
+    start: float
+    seen: tuple[int, ...]
+    """Fingerprints of the distinct credentials that failed (fewer than max_failures)."""
+    unseen: int
+    """Failures whose credential this layer cannot see (a token in a login's body): each counts."""
+
+
 class FailureLockout:
-    """After `max_failures` failed authentications from one client within `window` seconds,
-    refuse that client for `lockout_seconds` (OWASP Authentication Cheat Sheet: throttle guessing)."""
+    """After `max_failures` distinct failed credentials from one client within `window` seconds,
+    refuse that client for `lockout_seconds` (OWASP Authentication Cheat Sheet: throttle guessing).
+
+    Distinct, because the same wrong credential sent again teaches a guesser nothing new, while
+    it is exactly what a stale client does: an mcp-remote launched with the token of an earlier
+    run retries it, and counting each retry locked every other client of the address out (the
+    default loopback run makes a new token at each start, and all local clients share 127.0.0.1).
+    """
 
     def __init__(
         self,
@@ -208,28 +239,37 @@ class FailureLockout:
         _positive("max_keys", max_keys)
         self.max_failures, self.max_keys = max_failures, max_keys
         self.window, self.lockout = window_seconds, lockout_seconds
-        self._failures: OrderedDict[str, tuple[float, int]] = OrderedDict()  # key -> (first failure, count)
+        self._failures: OrderedDict[str, _Failures] = OrderedDict()  # least recently failed first
         self._locked: OrderedDict[str, float] = OrderedDict()  # key -> locked until
 
     @staticmethod
-    def _bound(table: OrderedDict[str, float] | OrderedDict[str, tuple[float, int]], limit: int) -> None:
+    def _bound(table: OrderedDict[str, float] | OrderedDict[str, _Failures], limit: int) -> None:
         while len(table) > limit:
             table.popitem(last=False)
 
-    def failed(self, ip: IPAddress | str, *, now: float | None = None) -> None:
+    def failed(self, ip: IPAddress | str, credential: str | None = None, *, now: float | None = None) -> bool:
+        """Count a failed authentication from `ip`; True when this one locks it out.
+
+        `credential` is what the request presented (its Authorization header, its URL token): one
+        already counted in this window is not counted again. None (unseen) always counts.
+        """
         now = time.monotonic() if now is None else now
         key = address_key(ip)
-        start, count = self._failures.pop(key, (now, 0))
-        if now - start >= self.window:
-            start, count = now, 0
-        count += 1
-        if count >= self.max_failures:
+        entry = self._failures.pop(key, None)
+        if entry is None or now - entry.start >= self.window:
+            entry = _Failures(now, (), 0)
+        if credential is None:
+            entry = entry._replace(unseen=entry.unseen + 1)
+        elif (mark := fingerprint(credential)) not in entry.seen:
+            entry = entry._replace(seen=(*entry.seen, mark))
+        if len(entry.seen) + entry.unseen >= self.max_failures:
             self._locked.pop(key, None)
             self._locked[key] = now + self.lockout
             self._bound(self._locked, self.max_keys)
-            return
-        self._failures[key] = (start, count)
+            return True
+        self._failures[key] = entry
         self._bound(self._failures, self.max_keys)
+        return False
 
     def locked(self, ip: IPAddress | str, *, now: float | None = None) -> float:
         """Seconds of lockout left for `ip`, 0.0 when it may try again."""
@@ -283,6 +323,23 @@ class _Quota(NamedTuple):
 
 _QUOTA: Final[web.RequestKey[_Quota]] = web.RequestKey("rate_limit_quota")
 
+LOCKED_OUT: Final[web.RequestKey[float]] = web.RequestKey("locked_out")
+"""Set on a request that presented a credential from a locked-out address: the seconds left.
+Authentication must then admit it only on a credential no guess can produce, and refuse anything
+else with `lockout_refusal` (see `security/auth.py`)."""
+
+
+class LockedOut(web.HTTPTooManyRequests):
+    """The answer to a locked-out address: the same whatever was presented, right or wrong."""
+
+
+def lockout_refusal(seconds: float) -> LockedOut:
+    return LockedOut(
+        text=json.dumps({"error": LOCKED}),
+        content_type="application/json",
+        headers={"Retry-After": str(max(1, _ceil(seconds)))},
+    )
+
 
 def rate_limit_headers(decision: Decision, policy: str) -> dict[str, str]:
     """IETF draft-ietf-httpapi-ratelimit-headers (structured fields) plus the legacy X- trio."""
@@ -320,19 +377,19 @@ def _client_key(request: web.Request) -> str:
     return f"ip:{address_key(_client_ip(request))}"
 
 
-def _presented_credential(request: web.Request, login_paths: frozenset[str]) -> bool:
-    """Did this request try a credential? Only those count towards a lockout.
+def _presented(request: web.Request) -> str | None:
+    """The key credential this request presented, as sent: its Authorization header or URL token.
 
-    A client configured without a token (or probing OAuth discovery) gets 401s too, and
-    locking it out would only lock out the user who then adds the right token. A cookie is
-    not counted either: it is Fernet-encrypted, there is nothing in it to guess.
+    Only a request that tried one (or a login) counts towards a lockout. A client configured
+    without a token (or probing OAuth discovery) gets 401s too, and locking it out would only
+    lock out the user who then adds the right token. A cookie is not counted either: it is
+    Fernet-encrypted, there is nothing in it to guess.
     """
-    return (
-        "Authorization" in request.headers
-        or "access_token" in request.query
-        or "token" in request.query
-        or request.path in login_paths
-    )
+    header = request.headers.get("Authorization")
+    if header is not None:
+        return header
+    query = request.query
+    return query.get("access_token", query.get("token"))
 
 
 def _has_cookie(request: web.Request) -> bool:
@@ -371,9 +428,12 @@ def ip_rate_limit_middleware(
     """Per-client request limit on a shared `limiter` (keys "ip:<address>"), and the failed-login lockout.
 
     With a `lockout`, a 401 to a request that presented a credential (Authorization header,
-    URL token, or any request to one of `login_paths`) counts as a failure of its client address;
-    a locked-out address is refused everything with 429 until the lockout ends, a valid token
-    included (else a guesser would learn which guess was right from the one 200).
+    URL token, or any request to one of `login_paths`) counts as a failure of its client address,
+    once per distinct credential. A locked-out address is answered 429 with Retry-After until
+    the lockout ends: at once for a request without a credential and for a login; a request
+    with a credential goes on marked `LOCKED_OUT` for authentication to admit or refuse (the
+    owner's credentials that no guess can produce pass, see `security/auth.py`), and a 401
+    below becomes the same 429. So a locked address learns nothing from any guess.
 
     Preflights are not counted: a browser sends one before most requests, which would halve
     its budget; they are cheap, answered without reaching a backend, and cached (Max-Age).
@@ -386,26 +446,45 @@ def ip_rate_limit_middleware(
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if is_preflight(request):
             return await handler(request)
+        presented = _presented(request)
+        login = request.path in logins
         if lockout is not None and (left := lockout.locked(_client_ip(request))) > 0:
-            if throttle.allow(f"locked:{_client_key(request)}"):
-                audit.event("auth.locked", request, retry_after=math.ceil(left))
-            raise _too_many(
-                "Too many failed authentication attempts from your address, retry later",
-                {"Retry-After": str(math.ceil(left))},
-            )
+            admissible = not login and (presented is not None or _has_cookie(request))
+            return await _locked(request, handler, left, admissible)
         # Authenticated requests are counted against their key (in authentication); the
         # address pays for what arrives without credentials and for every failed credential.
         # The RateLimit headers are added by install_rate_limit_headers' hook, on every response.
-        credential = _presented_credential(request, logins) or _has_cookie(request)
+        credential = presented is not None or login or _has_cookie(request)
         if not credential:
             _charge(request, key_of(request))
         try:
             return await handler(request)
         except web.HTTPException as exc:
             if exc.status == 401:
-                _failed(request)
+                if lockout is not None and (presented is not None or login):
+                    _failed(request, lockout, presented)
                 if credential:
                     _charge(request, key_of(request))
+            raise
+
+    async def _locked(
+        request: web.Request, handler: Handler, left: float, admissible: bool
+    ) -> web.StreamResponse:
+        try:
+            # Nothing without a credential can be the owner's, and a login is a guess by its nature.
+            if not admissible:
+                raise lockout_refusal(left)
+            request[LOCKED_OUT] = left
+            try:
+                return await handler(request)
+            except web.HTTPException as exc:
+                if exc.status == 401:  # a wrong token, a dead cookie: refused as any other guess
+                    raise lockout_refusal(left) from None
+                raise
+        except LockedOut:
+            # Neither counted as failures nor against the address: the lockout already holds.
+            if throttle.allow(f"locked:{_client_key(request)}"):
+                audit.event("auth.locked", request, retry_after=max(1, _ceil(left)))
             raise
 
     def _charge(request: web.Request, key: str) -> None:
@@ -417,12 +496,8 @@ def ip_rate_limit_middleware(
             headers = rate_limit_headers(decision, limiter.policy)
             raise _too_many(TOO_MANY, {**headers, "Retry-After": str(decision.retry_after)})
 
-    def _failed(request: web.Request) -> None:
-        if lockout is None or not _presented_credential(request, logins):
-            return
-        ip = _client_ip(request)
-        lockout.failed(ip)
-        if lockout.locked(ip) > 0:
+    def _failed(request: web.Request, lockout: FailureLockout, presented: str | None) -> None:
+        if lockout.failed(_client_ip(request), presented):
             audit.event("auth.locked", request, failures=lockout.max_failures, seconds=lockout.lockout)
 
     return middleware

@@ -29,8 +29,11 @@ from tests.conftest import (
     init_message,
     mcp_client,
     next_event,
+    next_message,
     text_of,
 )
+
+from .helpers import audit_lines
 
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 INIT = init_message()
@@ -381,16 +384,92 @@ async def test_a_default_key_serves_an_agent_far_past_the_per_address_limit(
     assert 2 * calls < spent <= 2 * calls + 8
 
 
-async def test_failed_attempts_lock_the_address_out(
+async def test_a_stale_token_retried_never_locks_the_owner_out(
     start_gateway: StartGateway, http: Any, tmp_path: Path
 ) -> None:
+    # An mcp-remote started with the token of an earlier run retries it, again and again.
     gw = await start_gateway(lockout_failures=3)
     for _ in range(3):
-        assert (await http.get(gw.url + "/health", headers=bearer("guess"))).status == 401
-    locked = await http.get(gw.url + "/health", headers=gw.headers)
-    assert locked.status == 429  # even the right token: a guesser must not learn which guess won
-    audit = (tmp_path / "audit.log").read_text()
-    assert "Invalid token" in audit and "auth.locked" in audit
+        for _ in range(4):
+            assert (await http.get(gw.url + "/health", headers=bearer("token-of-the-last-run"))).status == 401
+        assert (await http.get(gw.url + "/health", headers=gw.headers)).status == 200
+    assert "auth.locked" not in (tmp_path / "audit.log").read_text()
+
+
+async def test_a_lockout_refuses_every_guess_and_keeps_the_owners_sessions(
+    start_gateway: StartGateway, http: Any, tmp_path: Path
+) -> None:
+    other_secret, other = new_key("other")
+    write_keys(tmp_path / "keys.json", other)
+    gw = await start_gateway(lockout_failures=3, keys_file=tmp_path / "keys.json")
+    # The owner is at work: a Streamable HTTP session and a legacy SSE stream, from 127.0.0.1.
+    sid = await initialize(http, gw.url + "/mcp", gw.token)
+    async with http.get(gw.url + "/sse", headers=gw.headers) as stream:
+        endpoint = (await next_event(stream)).data
+        assert (await http.post(gw.url + endpoint, json=INIT, headers=gw.headers)).status == 202
+        assert (await next_message(stream))["id"] == 1
+        # A guesser on the same address: three different wrong tokens lock it out.
+        for guess in ("guess-1", "guess-2", "guess-3"):
+            assert (await http.get(gw.url + "/health", headers=bearer(guess))).status == 401
+
+        async def refused(path: str, headers: dict[str, str], method: str = "GET") -> str:
+            response = await http.request(method, gw.url + path, headers=headers, json=INIT)
+            assert response.status == 429, await response.text()
+            assert 0 < int(response.headers["Retry-After"]) <= 900
+            # Not a word about the key: no quota headers, no session, the same body for all.
+            assert not {"RateLimit", "RateLimit-Policy", "Mcp-Session-Id"} & set(response.headers)
+            return await response.text()
+
+        answers = {
+            await refused("/health", bearer("guess-4")),  # a new guess
+            await refused("/health", bearer("guess-1")),  # an old one
+            await refused("/health", {}),  # no credential
+            await refused("/mcp", {**ACCEPT, "Mcp-Session-Id": sid}),
+            # The right token alone: the owner, or a guesser who has just hit it? Refused, unseen.
+            await refused("/health", gw.headers),
+            await refused("/mcp", {**ACCEPT, **gw.headers}, "POST"),  # a new session
+            await refused("/mcp", {**ACCEPT, **gw.headers, "Mcp-Session-Id": "x" * 43}, "POST"),
+            await refused("/mcp", {**ACCEPT, **bearer(other_secret), "Mcp-Session-Id": sid}, "POST"),
+            await refused("/auth/login", gw.headers, "POST"),  # a login is a guess
+        }
+        assert len(answers) == 1  # right or wrong, every guess gets one and the same answer
+        # The owner's sessions go on: 256-bit session ids of its own key, which no guess comes with.
+        assert (await call(http, gw.url + "/mcp", gw.token, sid, "ping", {}))["result"] == {}
+        ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+        assert (await http.post(gw.url + endpoint, json=ping, headers=gw.headers)).status == 202
+        assert (await next_message(stream)) == {"jsonrpc": "2.0", "id": 2, "result": {}}
+    lines = audit_lines(tmp_path / "audit.log")
+    locked = [line for line in lines if line["event"] == "auth.locked"]
+    assert "failures" in locked[0] and "retry_after" in locked[1]  # when it locked, then its refusals
+    assert sum(line["event"] == "auth.failed" for line in lines) == 3  # the three guesses before it
+
+
+async def test_the_generated_token_of_a_loopback_run_is_never_locked_out(
+    start_gateway: StartGateway, http: Any
+) -> None:
+    # As `python server_secure.py` on loopback without AUTH_TOKEN: 256 random bits, made at start.
+    gw = await start_gateway(lockout_failures=3, token_generated=True)
+    for guess in ("guess-1", "guess-2", "guess-3"):
+        assert (await http.get(gw.url + "/health", headers=bearer(guess))).status == 401
+    assert (await http.get(gw.url + "/health", headers=bearer("guess-4"))).status == 429
+    # A client started after the lockout (a new session included) works: no guess finds this one.
+    assert (await http.get(gw.url + "/health", headers=gw.headers)).status == 200
+    await initialize(http, gw.url + "/mcp", gw.token)
+    assert (await http.get(gw.url + "/health", headers=bearer("guess-5"))).status == 429
+
+
+async def test_a_cookie_login_keeps_working_through_a_lockout(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(lockout_failures=3)
+    async with browser_session() as browser, aiohttp.ClientSession() as guesser:
+        await login(browser, gw)
+        for guess in ("guess-1", "guess-2", "guess-3"):
+            assert (await guesser.get(gw.url + "/health", headers=bearer(guess))).status == 401
+        assert (await guesser.get(gw.url + "/health", headers=bearer("guess-4"))).status == 429
+        # The cookie holds a random login id under Fernet: nothing a guess produces.
+        assert (await browser.get(gw.url + "/auth/session")).status == 200
+        # No new login from a locked address, though, the right token included.
+        relogin = await browser.post(gw.url + "/auth/login", json={"token": gw.token})
+        assert relogin.status == 429
 
 
 # -- cookie sessions --------------------------------------------------------------------------

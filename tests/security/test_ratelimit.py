@@ -14,6 +14,7 @@ from mcp_sse.security.audit import AuditLog
 from mcp_sse.security.client_ip import client_ip_middleware
 from mcp_sse.security.cors import setup_cors
 from mcp_sse.security.ratelimit import (
+    LOCKED_OUT,
     FailureLockout,
     LogThrottle,
     RateLimiter,
@@ -21,6 +22,7 @@ from mcp_sse.security.ratelimit import (
     address_key,
     install_rate_limit_headers,
     ip_rate_limit_middleware,
+    lockout_refusal,
     rate_limit_middleware,
 )
 from mcp_sse.settings import KEY_RATE_LIMIT_DEFAULT, Settings
@@ -198,38 +200,85 @@ def test_lockout_after_n_failures_within_the_window() -> None:
     assert slow.locked("198.51.100.1", now=203.0) == 0.0
 
 
+def test_lockout_counts_distinct_credentials_so_a_stale_client_never_locks_out() -> None:
+    lockout = FailureLockout(max_failures=3, window_seconds=900, lockout_seconds=900)
+    # A stale client (an mcp-remote launched with the token of an earlier run) retries that token
+    # forever: it teaches nobody anything and must not lock out the address's other clients.
+    for t in range(50):
+        assert not lockout.failed("127.0.0.1", "Bearer old-run-token", now=float(t))
+    assert lockout.locked("127.0.0.1", now=50.0) == 0.0
+    # A guesser needs new guesses, and each new one counts: the third distinct failure locks.
+    assert not lockout.failed("127.0.0.1", "Bearer guess-1", now=51.0)
+    assert lockout.failed("127.0.0.1", "Bearer guess-2", now=52.0)
+    assert lockout.locked("127.0.0.1", now=52.0) == 900.0
+    # A failure whose credential this layer cannot see (a token in a login's body) always counts.
+    blind = FailureLockout(max_failures=3, window_seconds=900, lockout_seconds=900)
+    for t in (0.0, 1.0, 2.0):
+        blind.failed("198.51.100.1", now=t)
+    assert blind.locked("198.51.100.1", now=2.0) == 900.0
+    # Remembering a few credentials per address keeps memory bounded all the same.
+    bounded = FailureLockout(max_failures=10, max_keys=5)
+    for i in range(100):
+        for j in range(9):
+            bounded.failed(f"203.0.113.{i}", f"guess-{j}", now=0.0)
+    assert len(bounded._failures) == 5 and all(len(f.seen) == 9 for f in bounded._failures.values())
+
+
 @web.middleware
 async def fake_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authentication as the real one treats a locked-out address: only a credential no guess can
+    produce passes (here an "owner proof" header stands for a live session or a generated token)."""
+    if (left := request.get(LOCKED_OUT)) is not None and "X-Owner-Proof" not in request.headers:
+        raise lockout_refusal(left)
     if request.headers.get("Authorization") != "Bearer good":
         raise web.HTTPUnauthorized(text="Invalid token")
     return await handler(request)
 
 
 async def test_lockout_through_a_server(aiohttp_client: Any, audit: AuditLog) -> None:
-    lockout = FailureLockout(max_failures=3, lockout_seconds=60)
+    lockout = FailureLockout(max_failures=4, lockout_seconds=60)
     limiter = RateLimiter(window_ms=60_000, max_requests=100)
     app = make_app(
         [
             client_ip_middleware(trusted_proxies=[]),
-            ip_rate_limit_middleware(limiter=limiter, lockout=lockout, audit=audit),
+            ip_rate_limit_middleware(limiter=limiter, lockout=lockout, audit=audit, login_paths=("/sse",)),
             fake_auth,
         ]
     )
     client = await aiohttp_client(app)
-    # Requests without any credential are not guesses: they do not lock anyone out.
-    for _ in range(5):
-        async with client.get("/json") as response:
+    # Requests without any credential are not guesses, nor is one stale token retried.
+    for headers in [{}] * 5 + [{"Authorization": "Bearer stale"}] * 5:
+        async with client.get("/json", headers=headers) as response:
             assert response.status == 401
     assert lockout.locked("127.0.0.1") == 0.0
-    for _ in range(3):
-        async with client.get("/json", headers={"Authorization": "Bearer guess"}) as response:
+    for guess in ("one", "two", "three"):  # with the stale one, four distinct failures: locked
+        async with client.get("/json", headers={"Authorization": f"Bearer {guess}"}) as response:
             assert response.status == 401
-    # Locked: even the right token is refused, or the one 200 would tell the guesser it won.
-    async with client.get("/json", headers={"Authorization": "Bearer good"}) as response:
-        assert response.status == 429
-        assert 0 < int(response.headers["Retry-After"]) <= 60
+    assert lockout.locked("127.0.0.1") > 0
+
+    async def refused(headers: dict[str, str], path: str = "/json") -> dict[str, Any]:
+        async with client.get(path, headers=headers) as response:
+            assert response.status == 429
+            assert 0 < int(response.headers["Retry-After"]) <= 60
+            assert "RateLimit" not in response.headers  # no quota of anything is told
+            return dict(await response.json())
+
+    # Locked: no credential, a login, a wrong token (a 401 below) and the right one without the
+    # owner's proof get one and the same answer, so a guess right or wrong is worth nothing.
+    answers = [
+        await refused({}),
+        await refused({"Authorization": "Bearer good"}, "/sse"),
+        await refused({"Authorization": "Bearer four"}),
+        await refused({"Authorization": "Bearer four", "X-Owner-Proof": "1"}),
+        await refused({"Authorization": "Bearer good"}),
+    ]
+    assert all(answer == answers[0] for answer in answers) and "failed authentication" in answers[0]["error"]
+    owner = {"Authorization": "Bearer good", "X-Owner-Proof": "1"}
+    async with client.get("/json", headers=owner) as response:
+        assert response.status == 200  # the owner is not locked out with the guesser
     events = [line["event"] for line in audit_lines(audit.path or Path())]
-    assert events.count("auth.locked") == 2  # the moment it locked, then the first refusal
+    assert events.count("auth.locked") == 2  # the moment it locked, then the first refusal (throttled)
+    assert lockout.locked("127.0.0.1") > 0  # refusals are not failures: the lockout neither grows nor ends
     lockout.reset("127.0.0.1")
     async with client.get("/json", headers={"Authorization": "Bearer good"}) as response:
         assert response.status == 200
