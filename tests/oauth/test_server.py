@@ -454,6 +454,11 @@ async def test_scope_never_exceeds_the_keys_role(as_: AS, browser: Browser) -> N
     operator = Browser(as_.url)
     admin = Browser(as_.url)
     try:
+        _, challenge = pkce()
+        consent = await viewer.sign_in(authorization_params(as_, client_id, challenge), as_.keys.viewer)
+        page = await consent.text()
+        assert '<span class="pill">mcp:viewer</span>' in page and "no tool calls" in page
+        assert '<span class="pill">mcp:admin' not in page  # asked for, not offered
         body = await tokens(as_, viewer, client_id, as_.keys.viewer)  # asks for all three
         assert body["scope"] == "mcp:viewer"
         own = await verified(as_, body["access_token"])
@@ -505,6 +510,22 @@ async def test_token_of_a_revoked_key_fails_verification_and_refresh(as_: AS, br
         await refused(as_, body["access_token"])
         == "the key that approved the token was revoked or has expired"
     )
+    status, error = await refresh(as_, client_id, body["refresh_token"])
+    assert (status, error["error"]) == (400, "invalid_grant")
+
+
+async def test_token_of_an_expired_key_fails_verification_and_refresh(as_: AS, browser: Browser) -> None:
+    client_id = await public_client(as_)
+    entries = as_.keys.entries()
+    entries[1]["expires"] = "2999-01-01T00:00:00Z"
+    as_.write_keys(entries)
+    as_.keystore.reload()
+    body = await tokens(as_, browser, client_id, as_.keys.operator)
+    await verified(as_, body["access_token"])
+    entries[1]["expires"] = "2000-01-01T00:00:00Z"  # the key runs out (KeyStore keeps the real clock)
+    as_.write_keys(entries)
+    assert as_.keystore.reload() == set()  # still listed, no longer current
+    assert "revoked or has expired" in await refused(as_, body["access_token"])
     status, error = await refresh(as_, client_id, body["refresh_token"])
     assert (status, error["error"]) == (400, "invalid_grant")
 

@@ -291,19 +291,37 @@ class RebindingResolver(AbstractResolver):
         pass
 
 
-async def test_a_name_that_resolves_to_loopback_is_not_connected_to(docs: DocumentServer) -> None:
+async def test_a_name_that_resolves_to_loopback_is_not_connected_to() -> None:
     # https://metadata.example:<port>/... passes every check on the URL; its address is refused
-    # when the connection is made, so the loopback server behind it never hears from us.
+    # when the connection is made, so the listener behind it never sees a connection at all.
+    connections: list[object] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer.get_extra_info("peername"))
+        writer.close()
+
+    listener = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
     resolver = RebindingResolver("127.0.0.1")
-    fetcher = MetadataFetcher(RedirectPolicy(), allow_loopback=False, resolver=resolver)
-    port = docs.http.port
+    fetcher = MetadataFetcher(RedirectPolicy(), allow_loopback=False, resolver=resolver, timeout=5)
     try:
         with pytest.raises(ClientError, match="could not be fetched"):
             await fetcher.get(f"https://metadata.example:{port}/client.json")
         assert resolver.asked == ["metadata.example"]
-        assert docs.hits == {}
+        assert connections == []
+        # The same fetcher, allowed loopback, does connect: the listener is reachable, so the
+        # refusal above was the address check, not a dead port.
+        allowed = MetadataFetcher(RedirectPolicy(), allow_loopback=True, resolver=resolver, timeout=5)
+        try:
+            with pytest.raises(ClientError):
+                await allowed.get(f"https://metadata.example:{port}/client.json")
+        finally:
+            await allowed.close()
+        assert len(connections) == 1
     finally:
         await fetcher.close()
+        listener.close()
+        await listener.wait_closed()
 
 
 async def fetcher_for(docs: DocumentServer, clock: FakeClock | None = None, **kwargs: Any) -> MetadataFetcher:
