@@ -13,6 +13,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from ..ops.health import public_health
 from ..state import API_KEY, CLIENT_IP, IDENTITY, SESSIONS
 from .audit import AuditLog, digest
 from .cookies import Logins, login_from_cookie
@@ -106,7 +107,7 @@ def authentication(
             return await handler(request)
         token = _presented_token(request, settings.url_auth)
         if token is None and settings.health_public and request.path == "/health":
-            return web.json_response({"status": "ok"})  # bare liveness for load balancers, nothing more
+            return public_health(request.app)  # /health's code and status for load balancers, no names
         if token is not None:
             key = keys.verify(token)
             if (left := request.get(LOCKED_OUT)) is not None and not _admitted_while_locked(

@@ -106,11 +106,6 @@ async def test_public_health_has_the_same_code_and_status_without_names(
     assert (answer.status, answer.text) == (200, '{"status": "degraded"}')
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="security/auth.py answers HEALTH_PUBLIC's keyless /health itself with a fixed 200 ok; "
-    "it should return ops.health.public_health(request.app)",
-)
 async def test_health_public_answer_without_a_key_says_down_when_down(
     start_gateway: StartGateway, fast_backoff: None
 ) -> None:
