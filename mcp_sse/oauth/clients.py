@@ -394,7 +394,7 @@ class MetadataFetcher:
             raise _MetadataRefused("the client metadata document could not be fetched") from None
         try:
             document = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested a thousand deep
             raise _MetadataRefused("the client metadata document is not JSON") from None
         return self._client(url, document), ttl
 

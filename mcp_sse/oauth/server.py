@@ -972,7 +972,7 @@ class OAuthServer:
                 raise RegistrationError("invalid_client_metadata", "the registration request is too large")
             try:
                 body = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested a thousand deep
                 raise RegistrationError(
                     "invalid_client_metadata", "the registration request is not JSON"
                 ) from None

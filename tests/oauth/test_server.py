@@ -318,6 +318,10 @@ async def test_registration_refuses_bad_metadata(as_: AS) -> None:
                 assert response.status == 400, body
                 assert (await response.json())["error"] == error
         async with session.post(
+            as_.url + "/oauth/register", data="[" * 5000, headers={"Content-Type": "application/json"}
+        ) as response:
+            assert response.status == 400 and (await response.json())["error"] == "invalid_client_metadata"
+        async with session.post(
             as_.url + "/oauth/register", data="{not json", headers={"Content-Type": "application/json"}
         ) as response:
             assert response.status == 400 and (await response.json())["error"] == "invalid_client_metadata"

@@ -365,6 +365,7 @@ async def test_redirects_large_and_slow_documents_are_refused(docs: DocumentServ
     docs.raw["big.json"] = b'{"client_id": "' + b"x" * 6000 + b'"}'
     docs.raw["list.json"] = b"[1, 2]"
     docs.raw["text.json"] = b"not json"
+    docs.raw["deep.json"] = b"[" * 4000
     fetcher = await fetcher_for(docs, timeout=0.5)
     try:
         with pytest.raises(ClientError, match="HTTP 302"):
@@ -376,6 +377,8 @@ async def test_redirects_large_and_slow_documents_are_refused(docs: DocumentServ
             await fetcher.get(f"{docs.url}/list.json")
         with pytest.raises(ClientError, match="not JSON"):
             await fetcher.get(f"{docs.url}/text.json")
+        with pytest.raises(ClientError, match="not JSON"):
+            await fetcher.get(f"{docs.url}/deep.json")
         with pytest.raises(ClientError, match="HTTP 404"):
             await fetcher.get(f"{docs.url}/missing.json")
         with pytest.raises(ClientError, match="could not be fetched"):
