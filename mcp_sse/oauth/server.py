@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 from urllib.parse import unquote_plus, urlencode, urlsplit, urlunsplit
 
-import jwt
 from aiohttp import web
 from multidict import MultiMapping
 
@@ -62,7 +61,17 @@ from .clients import (
     secret_digest,
 )
 from .metadata import SCOPES, canonical_resource
-from .tokens import ROLE_SCOPES, SCOPE_ROLES, OwnToken, SigningKey, TokenRefused, capped_role, key_fingerprint
+from .tokens import (
+    ROLE_SCOPES,
+    SCOPE_ROLES,
+    OwnToken,
+    OwnTokens,
+    SigningKey,
+    TokenRefused,
+    capped_role,
+    key_fingerprint,
+    top_role,
+)
 
 __all__ = [
     "AUTHORIZE_PATH",
@@ -257,6 +266,9 @@ class OAuthServer:
         self.store = store
         self.audit = audit
         self.signing_key = signing_key
+        self.tokens = OwnTokens(
+            issuer=self.issuer, signing_key=signing_key, store=store, keys=keys, ttl=token_ttl, clock=clock
+        )
         self.policy = RedirectPolicy(redirect_uri_patterns)
         self.fetcher = MetadataFetcher(self.policy, allow_loopback=allow_loopback_metadata, clock=clock)
         self.clients = ClientRegistry(
@@ -496,8 +508,7 @@ class OAuthServer:
     def _granted(self, auth: _AuthRequest, key: ApiKey) -> str:
         """The scope to grant: the highest role asked for (all of them if none was), never above the key's."""
         asked: list[Role] = [SCOPE_ROLES[s] for s in auth.requested] or [key.role]
-        best = max(asked, key=lambda role: ("viewer", "operator", "admin").index(role))
-        return ROLE_SCOPES[capped_role(best, key.role)]
+        return ROLE_SCOPES[capped_role(top_role(asked), key.role)]
 
     def _consent_view(self, auth: _AuthRequest, key: ApiKey) -> pages.ConsentView:
         scope = self._granted(auth, key)
@@ -792,10 +803,6 @@ class OAuthServer:
         if not same:
             raise OAuthError("invalid_target", "resource is not the one this grant was made for")
 
-    def _approver(self, key_id: str, key_fp: str) -> ApiKey | None:
-        key = self.keys.current(key_id)
-        return key if key is not None and hmac.compare_digest(key_fingerprint(key), key_fp) else None
-
     async def _code_grant(
         self, request: web.Request, client: ClientRecord, form: Mapping[str, str]
     ) -> dict[str, Any]:
@@ -839,7 +846,7 @@ class OAuthServer:
         challenge = _b64(hashlib.sha256(verifier.encode("ascii")).digest())
         if not hmac.compare_digest(challenge, record.code_challenge):
             raise OAuthError("invalid_grant", "code_verifier does not match the code_challenge")
-        key = self._approver(record.key_id, record.key_fp)
+        key = self.tokens.approver(record.key_id, record.key_fp)
         if key is None:
             raise OAuthError("invalid_grant", "the key that approved this grant is no longer valid")
         refresh = secrets.token_urlsafe(32)
@@ -884,7 +891,7 @@ class OAuthServer:
             granted = SCOPE_ROLES[grant.scope]
             if not asked or any(capped_role(role, granted) != role for role in asked):
                 raise OAuthError("invalid_scope", "a refresh may only keep or narrow the granted scope")
-        key = self._approver(grant.key_id, grant.key_fp)
+        key = self.tokens.approver(grant.key_id, grant.key_fp)
         if key is None:
             await self.store.revoke_grant(grant.grant_id, now, remember_until=now)
             raise OAuthError("invalid_grant", "the key that approved this grant is no longer valid")
@@ -923,21 +930,9 @@ class OAuthServer:
     ) -> dict[str, Any]:
         role = capped_role(SCOPE_ROLES[grant.scope], key.role)  # a downgraded key narrows its tokens
         if narrowed is not None:
-            asked = [SCOPE_ROLES[s] for s in narrowed.split() if s in SCOPE_ROLES]
-            role = capped_role(max(asked, key=("viewer", "operator", "admin").index), role)
+            role = capped_role(top_role(SCOPE_ROLES[s] for s in narrowed.split() if s in SCOPE_ROLES), role)
         scope = ROLE_SCOPES[role]
-        claims = {
-            "iss": self.issuer,
-            "aud": grant.resource,
-            "sub": key.id,
-            "client_id": client.client_id,
-            "scope": scope,
-            "gid": grant.grant_id,
-            "jti": secrets.token_urlsafe(16),
-            "iat": int(now),
-            "exp": int(now + self.token_ttl),
-        }
-        access = self.signing_key.sign(claims)
+        access = self.tokens.mint(grant=grant, key=key, client_id=client.client_id, scope=scope, now=now)
         if not client.from_document:
             await self.store.touch_client(client.client_id, now)
         self.audit.event(
@@ -1032,10 +1027,7 @@ class OAuthServer:
                 (grant.grant_id, "refresh") if grant.client_id == client_id else (None, "foreign")
             )
         elif len(token) <= 8192:
-            try:
-                claims = self.signing_key.decode(token, issuer=self.issuer, audience=None)
-            except jwt.PyJWTError:
-                claims = None
+            claims = self.tokens.claims_for_revocation(token)
             if claims is not None:
                 same = claims.get("client_id") == client_id and isinstance(claims.get("gid"), str)
                 grant_id, kind = (claims["gid"], "access") if same else (None, "foreign")
@@ -1054,68 +1046,12 @@ class OAuthServer:
     # -- for the resource server ----------------------------------------------------------------------
 
     def looks_like_own_token(self, token: str) -> bool:
-        """Cheap, unverified: does this token claim to be ours (our kid)? Decides only which
-        verifier to ask; `verify_own_token` decides whether it counts."""
-        try:
-            return jwt.get_unverified_header(token).get("kid") == self.signing_key.kid
-        except jwt.PyJWTError:
-            return False
+        """Cheap and unverified: does the token say it is ours? Picks the verifier, decides nothing."""
+        return self.tokens.looks_like_own(token)
 
     async def verify_own_token(self, token: str, resource: str) -> OwnToken | TokenRefused:
-        """An access token of this server, for `resource`, whose grant is live and whose approving
-        key is still in force (checked now, on every request: revocation takes effect at once)."""
-        try:
-            audience = canonical_resource(resource)
-        except ValueError:
-            return TokenRefused("not a resource URL")
-        try:
-            claims = self.signing_key.decode(token, issuer=self.issuer, audience=audience)
-        except jwt.InvalidAudienceError:
-            return TokenRefused("the token is for another resource")
-        except jwt.InvalidIssuerError:
-            return TokenRefused("the token is not from this server")
-        except jwt.MissingRequiredClaimError as exc:
-            return TokenRefused(f"the token has no {exc.claim} claim")
-        except jwt.PyJWTError:
-            return TokenRefused("invalid token")
-        exp, sub, gid, client_id, scope = (claims.get(n) for n in ("exp", "sub", "gid", "client_id", "scope"))
-        if not (
-            isinstance(exp, int)
-            and not isinstance(exp, bool)
-            and isinstance(sub, str)
-            and isinstance(gid, str)
-            and isinstance(client_id, str)
-            and isinstance(scope, str)
-        ):
-            return TokenRefused("invalid token")
-        now = self.clock()
-        if now >= exp:
-            return TokenRefused("the token has expired")
-        grant = await self.store.get_grant(gid, now)
-        if grant is None:
-            return TokenRefused("the grant was revoked")
-        if grant.key_id != sub or grant.client_id != client_id or grant.resource != audience:
-            return TokenRefused("invalid token")
-        key = self._approver(sub, grant.key_fp)
-        if key is None:
-            return TokenRefused("the key that approved the token was revoked or has expired")
-        scopes = frozenset(scope.split())
-        roles = [SCOPE_ROLES[s] for s in scopes if s in SCOPE_ROLES]
-        if not roles:
-            return TokenRefused("the token has no scope of this server")
-        best = max(roles, key=("viewer", "operator", "admin").index)
-        return OwnToken(
-            issuer=self.issuer,
-            subject=sub,
-            client_id=client_id,
-            scopes=scopes,
-            expires_at=float(exp),
-            claims=claims,
-            grant_id=gid,
-            resource=audience,
-            key=key,
-            role=capped_role(best, key.role),
-        )
+        """For the auth chain: see `OwnTokens.verify`."""
+        return await self.tokens.verify(token, resource)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 

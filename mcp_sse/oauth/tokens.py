@@ -2,14 +2,15 @@
 
 The signing key is an ES256 (P-256) key in `<state_dir>/oauth-signing-key.pem`, created 0600
 and never rewritten; its public half is published at `/oauth/jwks.json`. Verification is
-PyJWT with a fixed configuration: only ES256, only our key (the header's `kid` and `alg`
-decide nothing), `typ` at+jwt, `iss` ours, `aud` exactly the resource asked about (RFC 8707),
-and the required claims present. Expiry is checked against the server's clock, so tests
-can move time instead of waiting.
+PyJWT with a fixed configuration: only ES256 and only our key (the header's `alg` chooses
+nothing, another `kid` is refused), `typ` at+jwt, `iss` ours, `aud` exactly the resource asked
+about (RFC 8707), and the required claims present. Expiry is checked against the server's
+clock, so tests can move time instead of waiting.
 
-A signature is not enough for our tokens to count: the grant must still be live (revocation,
-refresh-token reuse and code reuse end it at once) and the approving key must still be in
-force with the same secret (`KeyStore.current` after every SIGHUP reload or expiry).
+`OwnTokens.verify` is what the auth chain calls. A signature is not enough for a token to
+count: its grant must still be live (revocation, refresh-token reuse and code reuse end it at
+once) and the approving key must still be in force with the same secret (`KeyStore.current`,
+after every SIGHUP reload or expiry).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -30,7 +33,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.types import Options
 
-from ..security.keys import ApiKey, Role
+from ..security.keys import ApiKey, KeyStore, Role
+from ..store import GrantRecord, OAuthStore
+from .metadata import canonical_resource
 
 __all__ = [
     "ALGORITHM",
@@ -38,10 +43,12 @@ __all__ = [
     "SCOPE_ROLES",
     "TOKEN_TYPE",
     "OwnToken",
+    "OwnTokens",
     "SigningKey",
     "TokenRefused",
     "capped_role",
     "key_fingerprint",
+    "top_role",
 ]
 
 ALGORITHM: Final = "ES256"
@@ -56,11 +63,17 @@ SCOPE_ROLES: Final[dict[str, Role]] = {
 ROLE_SCOPES: Final[dict[Role, str]] = {role: scope for scope, role in SCOPE_ROLES.items()}
 _RANK: Final[dict[Role, int]] = {"viewer": 0, "operator": 1, "admin": 2}
 REQUIRED_CLAIMS: Final = ("iss", "aud", "sub", "exp", "iat", "jti", "scope", "client_id", "gid")
+MAX_TOKEN: Final = 8192  # ours are under 1 KB; a huge one is not worth parsing
 
 
 def capped_role(a: Role, b: Role) -> Role:
     """The lesser of two roles: a token never grants more than its key or its scope."""
     return a if _RANK[a] <= _RANK[b] else b
+
+
+def top_role(roles: Iterable[Role]) -> Role:
+    """The greatest of some roles (ValueError for none)."""
+    return max(roles, key=_RANK.__getitem__)
 
 
 def key_fingerprint(key: ApiKey) -> str:
@@ -175,6 +188,120 @@ class SigningKey:
             token, self.public_key, algorithms=[ALGORITHM], issuer=issuer, audience=audience, options=options
         )
         return claims
+
+
+class OwnTokens:
+    """Mints this server's access tokens and decides whether one still counts."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        signing_key: SigningKey,
+        store: OAuthStore,
+        keys: KeyStore,
+        ttl: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.issuer = issuer
+        self.signing_key = signing_key
+        self.store = store
+        self.keys = keys
+        self.ttl = ttl
+        self.clock = clock
+
+    def approver(self, key_id: str, key_fp: str) -> ApiKey | None:
+        """The approving key if it is still in force with the secret it approved with."""
+        key = self.keys.current(key_id)
+        return key if key is not None and hmac.compare_digest(key_fingerprint(key), key_fp) else None
+
+    def mint(self, *, grant: GrantRecord, key: ApiKey, client_id: str, scope: str, now: float) -> str:
+        return self.signing_key.sign(
+            {
+                "iss": self.issuer,
+                "aud": grant.resource,
+                "sub": key.id,
+                "client_id": client_id,
+                "scope": scope,
+                "gid": grant.grant_id,
+                "jti": secrets.token_urlsafe(16),
+                "iat": int(now),
+                "exp": int(now + self.ttl),
+            }
+        )
+
+    def looks_like_own(self, token: str) -> bool:
+        """Cheap and unverified: does the token name our key? Picks the verifier, decides nothing."""
+        try:
+            return jwt.get_unverified_header(token).get("kid") == self.signing_key.kid
+        except jwt.PyJWTError:
+            return False
+
+    def claims_for_revocation(self, token: str) -> dict[str, Any] | None:
+        """The claims of a token we signed, any audience, expired or not (RFC 7009 revokes those too)."""
+        if len(token) > MAX_TOKEN:
+            return None
+        try:
+            return self.signing_key.decode(token, issuer=self.issuer, audience=None)
+        except jwt.PyJWTError:
+            return None
+
+    async def verify(self, token: str, resource: str) -> OwnToken | TokenRefused:
+        """An access token of this server, for `resource`, whose grant is live and whose approving
+        key is still in force: checked on every request, so revocation takes effect at once."""
+        try:
+            audience = canonical_resource(resource)
+        except ValueError:
+            return TokenRefused("not a resource URL")
+        if len(token) > MAX_TOKEN:
+            return TokenRefused("invalid token")
+        try:
+            claims = self.signing_key.decode(token, issuer=self.issuer, audience=audience)
+        except jwt.InvalidAudienceError:
+            return TokenRefused("the token is for another resource")
+        except jwt.InvalidIssuerError:
+            return TokenRefused("the token is not from this server")
+        except jwt.MissingRequiredClaimError as exc:
+            return TokenRefused(f"the token has no {exc.claim} claim")
+        except jwt.PyJWTError:
+            return TokenRefused("invalid token")
+        exp, sub, gid, client_id, scope = (claims.get(n) for n in ("exp", "sub", "gid", "client_id", "scope"))
+        if not (
+            isinstance(exp, int)
+            and not isinstance(exp, bool)
+            and isinstance(sub, str)
+            and isinstance(gid, str)
+            and isinstance(client_id, str)
+            and isinstance(scope, str)
+        ):
+            return TokenRefused("invalid token")
+        now = self.clock()
+        if now >= exp:
+            return TokenRefused("the token has expired")
+        grant = await self.store.get_grant(gid, now)
+        if grant is None:
+            return TokenRefused("the grant was revoked")
+        if grant.key_id != sub or grant.client_id != client_id or grant.resource != audience:
+            return TokenRefused("invalid token")
+        key = self.approver(sub, grant.key_fp)
+        if key is None:
+            return TokenRefused("the key that approved the token was revoked or has expired")
+        scopes = frozenset(scope.split())
+        roles = [SCOPE_ROLES[s] for s in scopes if s in SCOPE_ROLES]
+        if not roles:
+            return TokenRefused("the token has no scope of this server")
+        return OwnToken(
+            issuer=self.issuer,
+            subject=sub,
+            client_id=client_id,
+            scopes=scopes,
+            expires_at=float(exp),
+            claims=claims,
+            grant_id=gid,
+            resource=audience,
+            key=key,
+            role=capped_role(top_role(roles), key.role),
+        )
 
 
 @dataclass(frozen=True)
