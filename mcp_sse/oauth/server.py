@@ -723,7 +723,8 @@ class OAuthServer:
             if not sep:
                 raise OAuthError("invalid_client", "malformed Basic credentials", status=401, basic=True)
             # RFC 6749 section 2.3.1: both halves are form-urlencoded before base64.
-            header_id, secret = unquote_plus(raw_id), unquote_plus(raw_secret)
+            # An empty password (some public clients send "id:") is no secret.
+            header_id, secret = unquote_plus(raw_id), unquote_plus(raw_secret) or None
             if client_id is not None and client_id != header_id:
                 raise OAuthError(
                     "invalid_request", "client_id differs from the Basic credentials", basic=True
@@ -827,13 +828,13 @@ class OAuthServer:
                 record.grant_id, now, remember_until=record.expires_at + CODE_MEMORY
             )
             self.audit.event(
-                "oauth.token",
+                "oauth.code_reuse",
                 request,
-                outcome="refused",
-                reason="authorization code reused; the grant it issued is revoked",
                 client_id=record.client_id,
                 grant_id=record.grant_id,
+                identity=record.key_id,
                 revoked=revoked,
+                msg="an authorization code was presented again; the grant it issued is revoked",
             )
             raise OAuthError("invalid_grant", "authorization code already used")
         if record.client_id != client.client_id:
