@@ -8,6 +8,7 @@ with clients of any other.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from .protocol.session import LOG_LEVELS, Session
 from .protocol.versions import ALL_VERSIONS, negotiate
 from .security.audit import fingerprint
 from .upstream.backend import READY_WAIT, Backend
+from .upstream.multiplex import REQUEST_CANCELLED
 
 __all__ = ["Auditor", "Gateway", "Policy"]
 
@@ -188,7 +190,17 @@ class Gateway:
                 message["id"], INVALID_PARAMS, f"Invalid params for tool {tool[:100]!r}: {problem}"
             )
         else:
-            reply = await self.backend.request(session, message)
+            try:
+                reply = await self.backend.request(session, message)
+            except asyncio.CancelledError:
+                # A 2026-era client closed the call's stream. The call was made all the same, and is
+                # audited as a 2025 client's notifications/cancelled leaves it: with an error outcome.
+                if self.audit is not None:
+                    cancelled = error_response(
+                        message["id"], REQUEST_CANCELLED, "request cancelled by the client"
+                    )
+                    self._audit_call(session, tool, arguments, cancelled, time.monotonic() - started)
+                raise
         if self.audit is not None:
             self._audit_call(session, tool, arguments, reply, time.monotonic() - started)
         return reply
