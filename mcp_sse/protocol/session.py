@@ -205,7 +205,12 @@ class Session:
 
 
 class SessionStore:
-    """All live sessions, with a cap and idle expiry so abandoned ones do not pile up."""
+    """All live sessions, with a cap and idle expiry so abandoned ones do not pile up.
+
+    What a 2026-07-28 client holds open between requests (a listen stream, a call waiting for its
+    input) is held here too, as a session of kind "modern": it counts toward the cap, and it ends
+    with its key as any session does. Its id is never handed out, so no request can name it.
+    """
 
     def __init__(self, *, max_sessions: int, idle_timeout: float, buffer_size: int) -> None:
         self.max_sessions = max_sessions
@@ -229,9 +234,13 @@ class SessionStore:
         # 256 random bits, URL-safe: unguessable and valid in a header or a query string.
         session = Session(secrets.token_urlsafe(32), kind, gateway, identity, self.buffer_size)
         session.http_headers = forwardable_headers(headers or {})
+        self.add(session)
+        return session
+
+    def add(self, session: Session) -> None:
+        """Hold a session made elsewhere until it closes; the caller checks `full()` first."""
         self._sessions[session.id] = session
         session.on_close.append(self._forget)
-        return session
 
     def _forget(self, session: Session) -> None:
         self._sessions.pop(session.id, None)

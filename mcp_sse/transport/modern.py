@@ -6,11 +6,15 @@ routing headers that must agree with the body (`MCP-Protocol-Version`, `Mcp-Meth
 elicitation, roots) is answered with an `InputRequiredResult`: the call stays in flight
 here, keyed by an unguessable `requestState`, until the client retries with its answers.
 Closing a request's stream cancels the request downstream.
+
+A listen stream, and a call from the moment it waits for the client's input until it ends, are
+held in the session store: they count toward MAX_SESSIONS, and end when their key is revoked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
 import time
@@ -37,6 +41,7 @@ from ..protocol.session import EventStream, Session, forwardable_headers
 from ..protocol.versions import ALL_VERSIONS, HANDSHAKE_VERSIONS, MODERN_VERSIONS
 from ..state import IDENTITY, SESSIONS, TRANSPORT
 from ..upstream.backend import READY_WAIT
+from .common import http_error
 from .sse import encode, open_sse
 
 __all__ = ["ModernHTTP", "is_modern"]
@@ -60,7 +65,6 @@ HTTP_STATUS: Final = {
 }
 STATE_TTL: Final = 300.0
 """How long a call waiting for the client's input is kept before it is cancelled."""
-MAX_PENDING: Final = 1000
 LISTEN_FILTERS: Final = {
     "toolsListChanged": ("notifications/tools/list_changed", "tools"),
     "promptsListChanged": ("notifications/prompts/list_changed", "prompts"),
@@ -78,6 +82,11 @@ def unsupported(request_id: str | int | None, version: str) -> Message:
     """-32022 with every version we speak, so the client can pick one."""
     data = {"supported": list(ALL_VERSIONS), "requested": version[:40]}
     return error_response(request_id, UNSUPPORTED_VERSION, "Unsupported protocol version", data)
+
+
+def too_many() -> web.HTTPException:
+    """The refusal a 2025 session gets when the store is full."""
+    return http_error(web.HTTPServiceUnavailable, "too many sessions; retry later", **{"Retry-After": "5"})
 
 
 def reply(message: Message) -> web.Response:
@@ -205,7 +214,7 @@ class ModernHTTP:
                 try:
                     stream.push(await self.gateway.handle_modern(session, message))
                 finally:
-                    stream.finish()
+                    session.close()  # finishes the stream; a call that waited leaves the store
 
             task = asyncio.create_task(run())
             after = 0
@@ -246,8 +255,16 @@ class ModernHTTP:
                 after, data = item
                 event = json.loads(data)
                 if "method" in event and "id" in event:
-                    final = self._pause(message, session, stream, task, after, event)
-                    paused = True
+                    token = self._park(request, session, stream, task, after, message["method"])
+                    paused = bool(token)
+                    if paused:
+                        final = self._input_required(message, event, token)
+                    elif response is None:
+                        raise too_many()  # the finally cancels the call: no room to hold it
+                    else:
+                        final = error_response(
+                            message["id"], INVALID_REQUEST, "too many sessions; retry later"
+                        )
                 elif "method" in event:
                     if response is None:
                         response = await open_sse(request)
@@ -265,25 +282,35 @@ class ModernHTTP:
             if not paused and not task.done():
                 task.cancel()  # the client closed the stream: that is the cancellation
 
-    def _pause(
+    def _park(
         self,
-        message: Message,
+        request: web.Request,
         session: Session,
         stream: EventStream,
         task: asyncio.Task[None],
         after: int,
-        server_request: Message,
-    ) -> Message:
-        """Turn a backend's request to the client into an InputRequiredResult and park the call."""
-        if len(self._waiting) >= MAX_PENDING:
-            task.cancel()
-            return error_response(
-                message["id"], INVALID_REQUEST, "too many calls waiting for input; retry later"
-            )
+        method: str,
+    ) -> str:
+        """Keep the call until the client retries with its input: its `requestState`, or "" when
+        the store is full. It holds memory and a child's request with no connection open, so it
+        is held (and counted) as a session from its first pause until it ends."""
+        store = request.app[SESSIONS]
+        if store.get(session.id) is None:
+            if store.full():
+                return ""
+            store.add(session)
         token = secrets.token_urlsafe(32)
-        self._waiting[token] = _Waiting(
-            session, stream, task, message["method"], after, time.monotonic() + STATE_TTL
-        )
+        self._waiting[token] = _Waiting(session, stream, task, method, after, time.monotonic() + STATE_TTL)
+        session.on_close.append(functools.partial(self._drop, token))
+        return token
+
+    def _drop(self, token: str, session: Session) -> None:
+        """The session ended (its key revoked, or shutdown) while the call waited: cancel it now."""
+        if (waiting := self._waiting.pop(token, None)) is not None:
+            waiting.task.cancel()
+
+    def _input_required(self, message: Message, server_request: Message, token: str) -> Message:
+        """A backend's request to the client, as the InputRequiredResult that answers the call."""
         request_entry = {"method": server_request["method"], "params": server_request.get("params") or {}}
         return {
             "jsonrpc": "2.0",
@@ -297,7 +324,21 @@ class ModernHTTP:
 
     async def _listen(self, request: web.Request, message: Message) -> web.StreamResponse:
         """`subscriptions/listen`: a long-lived stream of the change notifications the client asked for."""
+        store = request.app[SESSIONS]
+        if store.full():
+            raise too_many()
         session = self._session(request, message)
+        store.add(session)
+        try:
+            return await self._stream_changes(request, message, session)
+        finally:
+            session.close()
+            # Also what was attached or subscribed after a revocation closed it mid-setup.
+            self.gateway.backend.detach(session)
+
+    async def _stream_changes(
+        self, request: web.Request, message: Message, session: Session
+    ) -> web.StreamResponse:
         backend = self.gateway.backend
         await backend.wait_ready(READY_WAIT)  # what can be agreed depends on what the backend offers
         wanted = (message.get("params") or {}).get("notifications") or {}
@@ -311,7 +352,6 @@ class ModernHTTP:
             agreed["resourceSubscriptions"] = uris
         methods = {LISTEN_FILTERS[f][0] for f in agreed if f in LISTEN_FILTERS}
         backend.attach(session)
-        session.on_close.append(backend.detach)
         subscribed: set[str] = set()
         for uri in agreed.get("resourceSubscriptions", []):
             sub = {
@@ -343,6 +383,4 @@ class ModernHTTP:
                     await response.write(encode(dumps({**event, "params": params}), event="message"))
         except (ConnectionError, RuntimeError):
             pass
-        finally:
-            session.close()
         return response

@@ -12,15 +12,30 @@ import aiohttp
 import pytest
 from mcp import types
 
-from tests.conftest import SDK_SERVER, SERVERS, StartGateway, mcp_client, next_event, text_of
+from tests.conftest import (
+    SDK_SERVER,
+    SERVERS,
+    StartGateway,
+    init_message,
+    mcp_client,
+    next_event,
+    next_message,
+    text_of,
+)
 
 RAW_SERVER = {"command": sys.executable, "args": [str(SERVERS / "raw_server.py")]}
 MODERN = "2026-07-28"
 META = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {}}
 
 
-def modern_request(method: str, params: dict[str, Any] | None = None, request_id: int = 1) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": request_id, "method": method, "params": {**(params or {}), "_meta": META}}
+def modern_request(
+    method: str,
+    params: dict[str, Any] | None = None,
+    request_id: int = 1,
+    capabilities: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    meta = {**META, "io.modelcontextprotocol/clientCapabilities": capabilities or {}}
+    return {"jsonrpc": "2.0", "id": request_id, "method": method, "params": {**(params or {}), "_meta": meta}}
 
 
 def modern_headers(token: str, method: str, name: str | None = None) -> dict[str, str]:
@@ -283,3 +298,67 @@ async def test_notifications_are_acknowledged(start_gateway: StartGateway, http:
         gw.url + "/mcp", json=note, headers=modern_headers(gw.token, "notifications/cancelled")
     )
     assert response.status == 202
+
+
+async def test_listen_streams_and_parked_calls_count_toward_max_sessions(
+    start_gateway: StartGateway, http: Any
+) -> None:
+    # Neither is a session, but each holds memory (a parked call also a child's request, with no
+    # connection open) for as long as the client likes: MAX_SESSIONS bounds them as it bounds sessions.
+    gw = await start_gateway({"test": SDK_SERVER}, max_sessions=1)
+    url = gw.url + "/mcp"
+    legacy = {**gw.headers, "Accept": "application/json, text/event-stream"}
+
+    async def initialize() -> int:
+        response = await http.post(url, json=init_message(), headers=legacy)
+        if response.status == 200:  # give the place back
+            await http.delete(url, headers={**legacy, "Mcp-Session-Id": response.headers["Mcp-Session-Id"]})
+        return response.status
+
+    async def free_again() -> None:
+        async with asyncio.timeout(60):
+            while await initialize() != 200:
+                await asyncio.sleep(0.02)
+
+    listen = modern_request("subscriptions/listen", {"notifications": {"toolsListChanged": True}})
+    ask = modern_request(
+        "tools/call",
+        {"name": "ask_llm", "arguments": {"question": "meaning?"}},
+        capabilities={"sampling": {}},
+    )
+    ask_headers = modern_headers(gw.token, "tools/call", "ask_llm")
+
+    async def refused(response: aiohttp.ClientResponse) -> bool:
+        body = await response.json()
+        return (
+            response.status == 503 and response.headers["Retry-After"] == "5" and "too many" in body["error"]
+        )
+
+    async with http.post(url, json=listen, headers=modern_headers(gw.token, "subscriptions/listen")) as held:
+        assert (await next_message(held))["method"] == "notifications/subscriptions/acknowledged"
+        assert await initialize() == 503
+        assert await refused(
+            await http.post(url, json=listen, headers=modern_headers(gw.token, "subscriptions/listen"))
+        )
+        assert await refused(await http.post(url, json=ask, headers=ask_headers))
+    await free_again()  # the listen stream ended with its connection
+
+    parked = await (await http.post(url, json=ask, headers=ask_headers)).json()
+    assert parked["result"]["resultType"] == "input_required"
+    assert await initialize() == 503
+    assert await refused(
+        await http.post(url, json=listen, headers=modern_headers(gw.token, "subscriptions/listen"))
+    )
+    [(request_id, _)] = parked["result"]["inputRequests"].items()
+    answer = {"role": "assistant", "content": {"type": "text", "text": "42"}, "model": "m"}
+    retry = {
+        **ask,
+        "params": {
+            **ask["params"],
+            "requestState": parked["result"]["requestState"],
+            "inputResponses": {request_id: answer},
+        },
+    }
+    done = await (await http.post(url, json=retry, headers=ask_headers)).json()
+    assert done["result"]["content"][0]["text"] == "42"
+    await free_again()  # the call is over: its place is free

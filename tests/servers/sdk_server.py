@@ -61,6 +61,21 @@ async def ask_llm(question: str, ctx: Context) -> str:
 
 
 @server.tool()
+async def ask_and_record(question: str, path: str, ctx: Context) -> str:
+    """Ask the client's model; if the call is cancelled while it waits, write "cancelled" to `path`."""
+    try:
+        result = await ctx.session.create_message(
+            [SamplingMessage(role="user", content=TextContent(type="text", text=question))], max_tokens=50
+        )
+    except asyncio.CancelledError:
+        with open(path, "w") as file:
+            file.write("cancelled")
+        raise
+    content = result.content
+    return content.text if isinstance(content, TextContent) else str(content)
+
+
+@server.tool()
 async def log_and_answer(text: str, ctx: Context) -> str:
     """Send a log message to the client, then answer."""
     await ctx.info(f"log: {text}")
