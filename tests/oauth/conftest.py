@@ -15,7 +15,8 @@ from mcp_sse.oauth.resource import FetchPolicy, JwtVerifier
 
 from .helpers import Clock, Key, make_key
 
-LOOPBACK = FetchPolicy(allow_http_loopback=True)
+# 30 s: a loaded CI machine can keep a loopback answer waiting longer than the 5 s default.
+LOOPBACK = FetchPolicy(allow_http_loopback=True, timeout=30)
 
 
 @pytest.fixture
