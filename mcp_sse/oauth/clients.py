@@ -134,7 +134,6 @@ def _printable(text: str, limit: int) -> str:
 
 @dataclass(frozen=True)
 class _Pattern:
-    text: str
     scheme: str
     host: str
     any_port: bool
@@ -152,8 +151,6 @@ class RedirectPolicy:
     def __init__(self, patterns: Sequence[str] = DEFAULT_REDIRECT_URIS) -> None:
         if isinstance(patterns, str):
             raise ValueError("redirect URI patterns must be a list, not one string")
-        self.exact: frozenset[str] = frozenset()
-        self.wildcards: tuple[_Pattern, ...] = ()
         exact: set[str] = set()
         wildcards: list[_Pattern] = []
         for raw in patterns:
@@ -171,13 +168,10 @@ class RedirectPolicy:
                     f"OAUTH_REDIRECT_URIS: {text!r}: a '*' is allowed only as the port and path of a "
                     "loopback URI, e.g. http://127.0.0.1:*/*; list other URIs exactly"
                 )
-            wildcards.append(
-                _Pattern(
-                    text, match.group(1), match.group(2).lower(), bool(match.group(3)), bool(match.group(4))
-                )
-            )
-        self.exact = frozenset(exact)
-        self.wildcards = tuple(wildcards)
+            scheme, host, port, path = match.groups()
+            wildcards.append(_Pattern(scheme, host.lower(), bool(port), bool(path)))
+        self.exact: frozenset[str] = frozenset(exact)
+        self.wildcards: tuple[_Pattern, ...] = tuple(wildcards)
 
     def allows(self, uri: str) -> bool:
         if redirect_uri_problem(uri) is not None:

@@ -215,6 +215,17 @@ def _single(values: MultiMapping[Any], names: Collection[str]) -> tuple[dict[str
     return found, repeated
 
 
+async def _urlencoded(request: web.Request) -> MultiMapping[Any] | None:
+    """The form body (RFC 6749 appendix B: application/x-www-form-urlencoded, UTF-8), or None
+    for another content type or bytes that do not decode (aiohttp raises on those)."""
+    if request.content_type != "application/x-www-form-urlencoded":
+        return None
+    try:
+        return await request.post()
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
 def _issuer(issuer: str) -> str:
     parts = urlsplit(issuer.strip())
     if parts.scheme not in ("https", "http") or not parts.hostname:
@@ -575,9 +586,10 @@ class OAuthServer:
         return self._consent_page(auth, *signed_in)
 
     async def _form(self, request: web.Request) -> MultiMapping[Any]:
-        if request.content_type != "application/x-www-form-urlencoded":
+        form = await _urlencoded(request)
+        if form is None:
             raise self._html_error(400, "Invalid request", "This form was not sent by a browser.")
-        return await request.post()
+        return form
 
     async def _login(self, request: web.Request) -> web.Response:
         """POST: the sign-in form. The key is checked as POST /auth/login checks it, and the login
@@ -686,9 +698,11 @@ class OAuthServer:
     # -- client authentication (token and revocation endpoints) ------------------------------------
 
     async def _token_form(self, request: web.Request) -> dict[str, str]:
-        if request.content_type != "application/x-www-form-urlencoded":
-            raise OAuthError("invalid_request", "send the parameters as application/x-www-form-urlencoded")
-        form = await request.post()
+        form = await _urlencoded(request)
+        if form is None:
+            raise OAuthError(
+                "invalid_request", "send the parameters as application/x-www-form-urlencoded UTF-8"
+            )
         values: dict[str, str] = {}
         for name in set(form.keys()):
             got = form.getall(name)

@@ -672,6 +672,12 @@ async def test_token_endpoint_errors_are_oauth_json_and_never_cached(as_: AS) ->
             assert response.status == 400 and (await response.json())["error"] == "invalid_request"
         async with session.post(
             as_.url + "/oauth/token",
+            data=b"grant_type=authorization_code&code=\xff\xfe",  # not UTF-8
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        ) as response:
+            assert response.status == 400 and (await response.json())["error"] == "invalid_request"
+        async with session.post(
+            as_.url + "/oauth/token",
             data="grant_type=refresh_token&grant_type=authorization_code",
             headers={"Content-Type": "application/x-www-form-urlencoded"},
         ) as response:
