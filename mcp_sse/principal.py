@@ -21,7 +21,7 @@ from .security.keys import ROLES, ApiKey, Role
 if TYPE_CHECKING:
     from .oauth.resource import VerifiedToken
 
-__all__ = ["ROLES", "SOURCES", "Principal", "Role", "Source"]
+__all__ = ["ROLES", "SOURCES", "Principal", "Role", "Source", "oauth_id"]
 
 Source = Literal["key", "oauth", "cookie"]
 SOURCES: Final = ("key", "oauth", "cookie")
