@@ -815,6 +815,7 @@ async def test_verify_own_token_refuses_other_resources_forgeries_and_garbage(
     client_id = await public_client(as_)
     body = await tokens(as_, browser, client_id)
     access = body["access_token"]
+    await verified(as_, access)  # remembered as verified for /mcp: that must not carry over
     assert await refused(as_, access, as_.url + "/servers/time/mcp") == "the token is for another resource"
     assert await refused(as_, access, "https://other.example/mcp") == "the token is for another resource"
     assert await refused(as_, access, "not a url") == "not a resource URL"

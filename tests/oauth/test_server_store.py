@@ -157,6 +157,24 @@ async def test_prune_forgets_what_can_no_longer_be_used(store: SQLiteStore) -> N
     assert await store.count_clients() == 1
 
 
+async def test_grant_reads_on_the_loop_fall_back_to_the_thread_when_busy(store: SQLiteStore) -> None:
+    assert await store.create_grant(grant(), RefreshRecord(b"r" * 32, "g1", 2000.0))
+
+    class Busy:
+        def execute(self, *args: object) -> None:
+            raise sqlite3.OperationalError("database is locked")
+
+    reader, store._reader = store._reader, Busy()  # type: ignore[assignment]
+    try:
+        live = await store.get_grant("g1", 1001.0)
+    finally:
+        store._reader = reader
+    assert live is not None and live.grant_id == "g1"
+    # The loop's reader sees what the thread commits, at once.
+    await store.revoke_grant("g1", 1001.0, remember_until=1001.0)
+    assert await store.get_grant("g1", 1000.5) is None
+
+
 async def test_a_closed_store_says_so(tmp_path: Path) -> None:
     s = SQLiteStore(tmp_path / "x.sqlite3")
     with pytest.raises(StoreError, match="not open"):
