@@ -51,6 +51,7 @@ from ..store import AUTH_METHODS, ClientRecord, CodeRecord, GrantRecord, OAuthSt
 from . import pages
 from .clients import (
     DEFAULT_REDIRECT_URIS,
+    FETCH_TIMEOUT,
     LOOPBACK_HOSTS,
     ClientError,
     ClientRegistry,
@@ -139,17 +140,16 @@ SECURE_PRE_LOGIN_COOKIE: Final = "__Host-mcp-sse-oauth"
 class OAuthError(Exception):
     """An RFC 6749 section 5.2 error from the token, registration or revocation endpoint."""
 
-    def __init__(self, error: str, description: str, *, status: int = 400, basic: bool = False) -> None:
+    def __init__(self, error: str, description: str, *, status: int = 400) -> None:
         super().__init__(description)
         self.error = error
         self.description = description
         self.status = status
-        self.basic = basic
 
     def response(self) -> web.HTTPException:
         headers = dict(NO_STORE)
         if self.status == 401:
-            # RFC 6749 section 5.2: a client that tried the Authorization header gets a challenge.
+            # RFC 6749 section 5.2 asks it of a client that tried Basic; HTTP asks it of every 401.
             headers["WWW-Authenticate"] = 'Basic realm="mcp-sse-oauth"'
         body = json.dumps({"error": self.error, "error_description": self.description})
         cls: type[web.HTTPException] = {401: web.HTTPUnauthorized, 503: web.HTTPServiceUnavailable}.get(
@@ -256,6 +256,7 @@ class OAuthServer:
         signing_key: SigningKey,
         redirect_uri_patterns: Sequence[str] = DEFAULT_REDIRECT_URIS,
         allow_loopback_metadata: bool = False,
+        metadata_fetch_timeout: float = FETCH_TIMEOUT,
         token_ttl: float = 3600.0,
         refresh_ttl: float = 30 * 86400.0,
         code_ttl: float = 60.0,
@@ -281,7 +282,9 @@ class OAuthServer:
             issuer=self.issuer, signing_key=signing_key, store=store, keys=keys, ttl=token_ttl, clock=clock
         )
         self.policy = RedirectPolicy(redirect_uri_patterns)
-        self.fetcher = MetadataFetcher(self.policy, allow_loopback=allow_loopback_metadata, clock=clock)
+        self.fetcher = MetadataFetcher(
+            self.policy, allow_loopback=allow_loopback_metadata, clock=clock, timeout=metadata_fetch_timeout
+        )
         self.clients = ClientRegistry(
             store,
             self.policy,
@@ -716,47 +719,39 @@ class OAuthServer:
         """The client, authenticated as it registered (RFC 6749 section 2.3): a public client by
         its id alone (PKCE and refresh rotation protect it), a confidential one by its secret."""
         header = request.headers.get("Authorization")
-        basic = header is not None
         secret = form.get("client_secret") or None
         client_id = form.get("client_id") or None
         if header is not None:
             scheme, _, encoded = header.partition(" ")
             if scheme.lower() != "basic":
-                raise OAuthError(
-                    "invalid_client", "use HTTP Basic client authentication", status=401, basic=True
-                )
+                raise OAuthError("invalid_client", "use HTTP Basic client authentication", status=401)
             if secret is not None:
-                raise OAuthError("invalid_request", "use one client authentication method", basic=True)
+                raise OAuthError("invalid_request", "use one client authentication method")
             try:
                 decoded = base64.b64decode(encoded.strip(), validate=True).decode()
             except (binascii.Error, UnicodeDecodeError):
-                raise OAuthError(
-                    "invalid_client", "malformed Basic credentials", status=401, basic=True
-                ) from None
+                raise OAuthError("invalid_client", "malformed Basic credentials", status=401) from None
             raw_id, sep, raw_secret = decoded.partition(":")
             if not sep:
-                raise OAuthError("invalid_client", "malformed Basic credentials", status=401, basic=True)
+                raise OAuthError("invalid_client", "malformed Basic credentials", status=401)
             # RFC 6749 section 2.3.1: both halves are form-urlencoded before base64.
             # An empty password (some public clients send "id:") is no secret.
             header_id, secret = unquote_plus(raw_id), unquote_plus(raw_secret) or None
             if client_id is not None and client_id != header_id:
-                raise OAuthError(
-                    "invalid_request", "client_id differs from the Basic credentials", basic=True
-                )
+                raise OAuthError("invalid_request", "client_id differs from the Basic credentials")
             client_id = header_id
         if not client_id:
-            raise OAuthError("invalid_client", "client_id is required", status=401, basic=basic)
+            raise OAuthError("invalid_client", "client_id is required", status=401)
         unknown = OAuthError(
             "invalid_client",
             "unknown client (registrations that go unused expire): register again",
             status=401,
-            basic=basic,
         )
         if is_url_client_id(client_id):
             # A metadata-document client is public by construction; the code or grant it presents
             # names the client_id it was issued to, so nothing needs fetching here.
             if secret is not None:
-                raise OAuthError("invalid_client", "this client has no secret", status=401, basic=basic)
+                raise OAuthError("invalid_client", "this client has no secret", status=401)
             now = self.clock()
             return ClientRecord(client_id, "", (), "none", None, ("authorization_code",), now, now, True)
         client = await self.store.get_client(client_id) if len(client_id) <= 200 else None
@@ -764,14 +759,12 @@ class OAuthServer:
             raise unknown
         if client.auth_method == "none":
             if secret is not None:
-                raise OAuthError(
-                    "invalid_client", "this client is public: it has no secret", status=401, basic=basic
-                )
+                raise OAuthError("invalid_client", "this client is public: it has no secret", status=401)
             return client
         if secret is None or client.secret_sha256 is None:
-            raise OAuthError("invalid_client", "client authentication is required", status=401, basic=basic)
+            raise OAuthError("invalid_client", "client authentication is required", status=401)
         if not hmac.compare_digest(secret_digest(secret), client.secret_sha256):
-            raise OAuthError("invalid_client", "client authentication failed", status=401, basic=basic)
+            raise OAuthError("invalid_client", "client authentication failed", status=401)
         return client
 
     # -- the token endpoint ------------------------------------------------------------------------
