@@ -4,6 +4,11 @@ per-caller state or must receive per-caller values (a header mapped into the chi
 Children start when a session initializes and are reaped when it ends, or when it has been
 idle for the backend's `idle_timeout`. At most `max_sessions` run at once; the next session
 is refused with an error that says so, never queued forever.
+
+What the children offer (capabilities, server info, instructions) is learned at start from one
+child run for that alone, then kept up to date by every child that starts: a 2026-07-28
+`server/discover`, a listen stream and the aggregate root's lists need it before any session
+has a child of its own, and none of them should have to start one.
 """
 
 from __future__ import annotations
@@ -39,12 +44,32 @@ class PerSessionBackend(Backend):
         self.children: dict[str, tuple[Session, StdioBackend]] = {}
         self._stopping: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
-        self.state = "running"  # ready to start children; each child has its own state
-        self._ready.set()
+        self._probe: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        self._probe = asyncio.create_task(self._learn(), name=f"backend-{self.name}-probe")
         if self.spec.idle_timeout is not None:
             self._reaper = asyncio.create_task(self._reap_idle(self.spec.idle_timeout))
+
+    async def _learn(self) -> None:
+        """Start one child, keep what it offers, stop it; "starting" until then, as a shared backend is."""
+        child = StdioBackend(self.spec, max_line=self.max_line, base_env=self.base_env)
+        try:
+            await child.start()
+            if await child.wait_ready(READY_WAIT):
+                self._learn_from(child)
+            else:
+                # Perhaps it needs a caller's header: the first session's child will tell instead.
+                log.warning("backend %s: no child to learn what it offers: %s", self.name, child.last_error)
+        finally:
+            await child.stop()
+            self.state = "running"  # ready to start children; each child has its own state
+            self._ready.set()
+
+    def _learn_from(self, child: StdioBackend) -> None:
+        self.capabilities = child.capabilities
+        self.server_info = child.server_info
+        self.instructions = child.instructions
 
     async def _reap_idle(self, idle: float) -> None:
         while True:
@@ -57,6 +82,7 @@ class PerSessionBackend(Backend):
                     session.close()
 
     async def open_session(self, session: Session) -> str | None:
+        await self.wait_ready(READY_WAIT)  # the first child is the one learning what all offer
         if len(self.children) >= self.spec.max_sessions:
             limit = self.spec.max_sessions
             return f"backend {self.name!r}: all {limit} per-session children are in use; retry later"
@@ -73,9 +99,7 @@ class PerSessionBackend(Backend):
         if not await child.wait_ready(READY_WAIT):
             self._release(session.id)
             return f"backend {self.name!r} could not start a child for this session: {child.last_error}"
-        self.capabilities = child.capabilities
-        self.server_info = child.server_info
-        self.instructions = child.instructions
+        self._learn_from(child)
         return None
 
     def _child(self, session: Session) -> StdioBackend | None:
@@ -147,10 +171,11 @@ class PerSessionBackend(Backend):
         task.add_done_callback(self._stopping.discard)
 
     async def stop(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for task in (self._probe, self._reaper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for session_id in list(self.children):
             self._release(session_id)
         await asyncio.gather(*self._stopping, return_exceptions=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,16 @@ from typing import Any
 import aiohttp
 import pytest
 
+from mcp_sse.state import TASKS
 from mcp_sse.upstream.config import ConfigError, load_servers
-from tests.conftest import SDK_SERVER, StartGateway, init_message, mcp_client, text_of
+from tests.conftest import SDK_SERVER, SERVERS, StartGateway, init_message, mcp_client, text_of
+from tests.interop.test_modern import MODERN, modern_headers, modern_request
 
 PER_SESSION = {**SDK_SERVER, "isolation": "per-session"}
+COUNTED = (
+    "import runpy, sys; open(sys.argv[1], 'a').write('x'); runpy.run_path(sys.argv[2], run_name='__main__')"
+)
+"""The SDK test server, started through a line that counts its starts in a file."""
 
 
 def alive(pid: int) -> bool:
@@ -68,6 +75,11 @@ async def test_a_per_session_backend_beside_a_shared_one_serves_at_the_aggregate
     # Before, the aggregate never asked its backends to prepare a session: every call to a
     # per-session backend there failed with "no child for this session", and its tools were never listed.
     gw = await start_gateway({"iso": {**PER_SESSION, "max_sessions": 1}, "shared": SDK_SERVER})
+    async with asyncio.timeout(60):
+        # At start the root lists every backend's resources to report URIs offered twice; iso's
+        # through a child of its own, which holds its only place until the check is done.
+        while gw.app[TASKS]:
+            await asyncio.sleep(0.02)
     async with mcp_client(gw.url, gw.token) as one, mcp_client(gw.url, gw.token, transport="sse") as two:
         names = {tool.name for tool in (await one.list_tools()).tools}
         assert {"iso__pid", "shared__pid"} <= names
@@ -87,6 +99,54 @@ async def test_a_per_session_backend_beside_a_shared_one_serves_at_the_aggregate
             break
         await asyncio.sleep(0.05)
     assert (await children(gw))["children"] == 0
+
+
+async def test_discover_answers_what_a_child_offers_without_a_child_per_call(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    # Before, a 2026-07-28 client asking a per-session backend what it offers heard nothing:
+    # no session had started a child yet.
+    starts = tmp_path / "starts"
+    counted = [sys.executable, "-c", COUNTED, str(starts), str(SERVERS / "sdk_server.py")]
+    gw = await start_gateway(
+        {"iso": {"command": counted[0], "args": counted[1:], "isolation": "per-session"}}
+    )
+    discover = modern_request("server/discover")
+    headers = modern_headers(gw.token, "server/discover")
+    async with aiohttp.ClientSession() as http:
+        answers = [
+            await (await http.post(gw.url + "/mcp", json=discover, headers=headers)).json() for _ in range(3)
+        ]
+    async with mcp_client(gw.url, gw.token, mode="auto") as modern:
+        assert modern.protocol_version == MODERN
+        offered = modern.server_capabilities
+    async with mcp_client(gw.url, gw.token) as legacy:  # what its own child tells a 2025 session
+        expected = legacy.server_capabilities
+        info = legacy.server_info
+    assert offered is not None and expected is not None and offered.tools is not None
+    assert offered.model_dump(exclude={"logging"}) == expected.model_dump(exclude={"logging"})
+    for answer in answers:
+        result = answer["result"]
+        wire = expected.model_dump(exclude={"logging"}, exclude_none=True, by_alias=True)
+        assert result["capabilities"] == wire
+        assert result["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == info.name == "sdk-test-server"
+        assert result["instructions"] == "A test server for mcp-sse."
+    # One child told what they all offer, the session's own is the second: no discover started one.
+    assert starts.read_text() == "xx"
+
+
+async def test_a_2026_client_at_the_aggregate_root_sees_a_per_session_backend(
+    start_gateway: StartGateway,
+) -> None:
+    # Before, the root skipped a per-session backend in every 2026-07-28 list: it seemed to offer
+    # nothing, since no session had started a child for it.
+    gw = await start_gateway({"iso": PER_SESSION, "shared": SDK_SERVER})
+    async with mcp_client(gw.url, gw.token, mode="auto") as root:
+        assert root.protocol_version == MODERN
+        assert root.server_capabilities is not None and root.server_capabilities.prompts is not None
+        names = {tool.name for tool in (await root.list_tools()).tools}
+        assert {"iso__pid", "shared__pid"} <= names
+        assert text_of(await root.call_tool("iso__echo", {"text": "mine"})) == "mine"
 
 
 async def test_headers_reach_only_their_own_child(start_gateway: StartGateway) -> None:
