@@ -27,16 +27,18 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from jwt.types import Options
 
 from ..security.keys import ApiKey, KeyStore, Role
 from ..store import GrantRecord, OAuthStore
 from .metadata import canonical_resource
+
+if TYPE_CHECKING:
+    from jwt.types import Options  # a TypedDict only newer PyJWT releases ship: typing only
 
 __all__ = [
     "ALGORITHM",
