@@ -26,6 +26,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from mcp_sse.app import create_app
 from mcp_sse.settings import Secret, Settings
+from mcp_sse.state import SESSIONS
 
 SERVERS = Path(__file__).parent / "servers"
 SDK_SERVER = {"command": sys.executable, "args": [str(SERVERS / "sdk_server.py")]}
@@ -117,6 +118,33 @@ def init_message(
 def text_of(result: Any) -> str:
     """The text of a CallToolResult's first content block."""
     return str(result.content[0].text)
+
+
+# -- waiting for an event, not for a time ---------------------------------------------------------
+
+
+async def wait_for_text(path: Path, text: str, timeout: float = 60) -> None:
+    """Wait until a marker file holds exactly `text` (sdk_server.py's record_cancel writes "started"
+    once the call has reached the child). `timeout` only bounds a failing test."""
+    async with asyncio.timeout(timeout):
+        while not (path.exists() and path.read_text() == text):
+            await asyncio.sleep(0.02)
+
+
+async def wait_for_dropped_stream(
+    app: web.Application, session_id: str, event_id: str, timeout: float = 60
+) -> None:
+    """After a client hung up on a request stream it had read up to `event_id`: wait until the
+    gateway has let go of the stream (no reader left) and has buffered an event after it since,
+    which a Last-Event-ID resume must replay. `timeout` only bounds a failing test."""
+    session = app[SESSIONS].get(session_id)
+    assert session is not None
+    found = session.resolve_event_id(event_id)
+    assert found is not None, event_id
+    stream, seq = found
+    async with asyncio.timeout(timeout):
+        while stream.reader is not None or stream._seq <= seq:
+            await asyncio.sleep(0.02)
 
 
 # -- server processes --------------------------------------------------------------------------
