@@ -13,6 +13,7 @@ handlers check Origin against the issuer's to refuse cross-site posts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import re
@@ -27,8 +28,10 @@ from aiohttp import web
 
 __all__ = [
     "STYLESHEET_PATH",
+    "Assets",
     "ConsentView",
     "Markup",
+    "assets",
     "consent_page",
     "error_page",
     "login_page",
@@ -42,16 +45,41 @@ class Markup(str):
     """HTML that is already safe: the only kind of value `render` does not escape."""
 
 
-def _template(name: str) -> Template:
-    return Template(resources.files("mcp_sse.oauth").joinpath("web", name).read_text(encoding="utf-8"))
+@dataclass(frozen=True)
+class Assets:
+    page: Template
+    login: Template
+    consent: Template
+    error: Template
+    css: bytes
+    css_version: str
 
 
-PAGE: Final = _template("page.html")
-LOGIN: Final = _template("login.html")
-CONSENT: Final = _template("consent.html")
-ERROR: Final = _template("error.html")
-CSS: Final = resources.files("mcp_sse.oauth").joinpath("web", "oauth.css").read_bytes()
-CSS_VERSION: Final = hashlib.sha256(CSS).hexdigest()[:12]
+@functools.cache
+def assets() -> Assets:
+    """The templates and stylesheet, read once. Read when the authorization server is made (not
+    at import), so a gateway without OAuth never needs them and one with OAuth fails at start,
+    not at its first sign-in, should an install have left them out."""
+    web_dir = resources.files("mcp_sse.oauth").joinpath("web")
+    try:
+        texts = {name: web_dir.joinpath(f"{name}.html").read_text(encoding="utf-8") for name in _PAGES}
+        css = web_dir.joinpath("oauth.css").read_bytes()
+    except OSError as exc:
+        raise RuntimeError(
+            f"the OAuth pages are missing from this install ({exc}): mcp_sse/oauth/web/ must be "
+            "installed with the package (package-data)"
+        ) from None
+    return Assets(
+        page=Template(texts["page"]),
+        login=Template(texts["login"]),
+        consent=Template(texts["consent"]),
+        error=Template(texts["error"]),
+        css=css,
+        css_version=hashlib.sha256(css).hexdigest()[:12],
+    )
+
+
+_PAGES: Final = ("page", "login", "consent", "error")
 STYLESHEET_PATH: Final = "/oauth/static/oauth.css"
 _HOST_SOURCE: Final = re.compile(r"[a-z0-9.-]+")
 
@@ -105,24 +133,26 @@ def page_headers(form_targets: Sequence[str] = ()) -> dict[str, str]:
 
 def _page(title: str, gateway: str, body: Markup, footer: str = "") -> str:
     return render(
-        PAGE,
+        assets().page,
         title=title,
         gateway=gateway,
-        stylesheet=f"{STYLESHEET_PATH}?v={CSS_VERSION}",
+        stylesheet=f"{STYLESHEET_PATH}?v={assets().css_version}",
         body=body,
         footer=footer or "Protected by mcp-sse · OAuth 2.1",
     )
 
 
 def error_page(*, gateway: str, heading: str, message: str) -> str:
-    return _page(heading, gateway, render(ERROR, heading=heading, message=message))
+    return _page(heading, gateway, render(assets().error, heading=heading, message=message))
 
 
 def login_page(
     *, gateway: str, action: str, client_name: str, fields: Mapping[str, str], error: str = ""
 ) -> str:
     alert = Markup(f'<p class="alert" role="alert">{html.escape(error)}</p>') if error else Markup("")
-    body = render(LOGIN, client_name=client_name, action=action, hidden=hidden_fields(fields), error=alert)
+    body = render(
+        assets().login, client_name=client_name, action=action, hidden=hidden_fields(fields), error=alert
+    )
     return _page("Sign in", gateway, body)
 
 
@@ -154,7 +184,7 @@ def consent_page(*, gateway: str, action: str, view: ConsentView, fields: Mappin
     )
     initial = next((c for c in view.client_name if c.isalnum()), "?").upper()
     body = render(
-        CONSENT,
+        assets().consent,
         initial=initial,
         client_name=view.client_name,
         provenance=view.provenance,
@@ -179,7 +209,7 @@ def consent_page(*, gateway: str, action: str, view: ConsentView, fields: Mappin
 async def stylesheet(request: web.Request) -> web.Response:
     # Versioned URL (?v=<digest>): it may be cached for long, a new stylesheet has a new URL.
     return web.Response(
-        body=CSS,
+        body=assets().css,
         content_type="text/css",
         charset="utf-8",
         headers={"Cache-Control": "public, max-age=86400", "X-Content-Type-Options": "nosniff"},

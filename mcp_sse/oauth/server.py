@@ -269,6 +269,7 @@ class OAuthServer:
             raise ValueError(
                 "OAuth lifetimes: code_ttl must be in (0, 600], token_ttl positive, refresh_ttl >= token_ttl"
             )
+        pages.assets()  # the pages' templates are installed: fail at start, not at the first sign-in
         self.issuer = _issuer(issuer)
         if not resource_urls or isinstance(resource_urls, str):
             raise ValueError("resource_urls must list at least one resource URL of this server")

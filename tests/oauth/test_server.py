@@ -20,10 +20,16 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from mcp.shared.auth import OAuthMetadata
 
+from mcp_sse.oauth import pages
 from mcp_sse.oauth.metadata import ROLE_SCOPES as PRM_ROLE_SCOPES
 from mcp_sse.oauth.metadata import SCOPES as PRM_SCOPES
-from mcp_sse.oauth.tokens import ROLE_SCOPES, OwnToken, TokenRefused
-from mcp_sse.security.keys import digest
+from mcp_sse.oauth.server import OAuthServer
+from mcp_sse.oauth.tokens import ROLE_SCOPES, OwnToken, SigningKey, TokenRefused
+from mcp_sse.security.audit import AuditLog
+from mcp_sse.security.cookies import Logins
+from mcp_sse.security.keys import KeyStore, digest
+from mcp_sse.settings import Secret
+from mcp_sse.store.sqlite import SQLiteStore
 
 from .as_helpers import (
     AS,
@@ -881,3 +887,35 @@ async def test_audit_lines_hold_no_secret(as_: AS, browser: Browser) -> None:
         "oauth.code_reuse",
         "session.login",
     } <= events
+
+
+def test_missing_page_templates_stop_the_server_at_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    class Missing:
+        def joinpath(self, *parts: str) -> Missing:
+            return self
+
+        def read_text(self, **kwargs: Any) -> str:
+            raise FileNotFoundError(2, "No such file or directory", "page.html")
+
+        def read_bytes(self) -> bytes:
+            raise FileNotFoundError(2, "No such file or directory", "oauth.css")
+
+    pages.assets.cache_clear()
+    monkeypatch.setattr(pages.resources, "files", lambda package: Missing())
+    try:
+        with pytest.raises(RuntimeError, match="package-data"):
+            OAuthServer(
+                issuer="https://gw.example",
+                resource_urls=["https://gw.example/mcp"],
+                keys=KeyStore(Secret("k" * 40), None),
+                logins=Logins(lifetime=60, idle=60),
+                store=SQLiteStore(tmp_path / "never-opened.sqlite3"),
+                audit=AuditLog(None, stream=None),
+                signing_key=SigningKey.generate(),
+            )
+    finally:
+        monkeypatch.undo()
+        pages.assets.cache_clear()
+    assert pages.assets().css  # and with them in place, all is well again
