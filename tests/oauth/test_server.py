@@ -8,6 +8,7 @@ clock, moved by the tests; nothing waits.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import re
 from collections.abc import AsyncIterator
@@ -903,7 +904,7 @@ def test_missing_page_templates_stop_the_server_at_start(
             raise FileNotFoundError(2, "No such file or directory", "oauth.css")
 
     pages.assets.cache_clear()
-    monkeypatch.setattr(pages.resources, "files", lambda package: Missing())
+    monkeypatch.setattr(importlib.resources, "files", lambda package: Missing())
     try:
         with pytest.raises(RuntimeError, match="package-data"):
             OAuthServer(
