@@ -81,16 +81,13 @@ async def test_timeout_sends_notifications_cancelled_to_the_child(
             await Streamable(http, gw.url, gw.token).initialize(),
             await Legacy(http, gw.url, gw.token).open(),
         ):
-            started = time.monotonic()
-            reply = await client.request(call(7, "hang"))
-            elapsed = time.monotonic() - started
-            assert 0.9 < elapsed < 3, elapsed
+            reply = await client.request(call(7, "hang"))  # only the timeout can end it
             assert reply["id"] == 7  # the client's own id, not the one the child saw
             assert reply["error"]["code"] == -32001
-            assert "did not answer within 1 s" in reply["error"]["message"]
+            assert "did not answer within 1 s" in reply["error"]["message"]  # this backend's timeout
             upstream = upstream_id_of(record, "hang")
             assert await wait_until(
-                lambda u=upstream: any(c["requestId"] == u for c in cancellations(record)), 3
+                lambda u=upstream: any(c["requestId"] == u for c in cancellations(record)), 30
             )
             # The hung call was abandoned, not the child: the same process keeps serving.
             assert text_result(await client.request(call(8, "echo", text="after"))) == "after"
@@ -115,13 +112,13 @@ async def test_client_cancellation_reaches_the_child_with_its_own_id(
         await running(http, gw, "f")
         client = await Streamable(http, gw.url, gw.token).initialize()
         pending = asyncio.create_task(client.request(call("mine", "hang")))
-        assert await wait_until(lambda: record.exists() and '"name":"hang"' in record.read_text(), 5)
+        assert await wait_until(lambda: record.exists() and '"name":"hang"' in record.read_text(), 30)
         cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": "mine"}}
         assert (await client.post(cancel))[0] == 202
-        reply = await asyncio.wait_for(pending, 5)
-        assert reply["error"]["code"] == -32800
+        reply = await pending
+        assert reply["error"]["code"] == -32800  # cancelled: the 30 s timeout would be -32001
         upstream = upstream_id_of(record, "hang")
-        assert await wait_until(lambda: [c["requestId"] for c in cancellations(record)] == [upstream], 3)
+        assert await wait_until(lambda: [c["requestId"] for c in cancellations(record)] == [upstream], 30)
 
 
 # -- garbage and oversize lines in the middle of serving ------------------------------------------
@@ -136,9 +133,8 @@ async def test_garbage_lines_mid_call_are_dropped_and_the_call_still_answered(
         pid = (await running(http, gw, "f"))["pid"]
         client = await Streamable(http, gw.url, gw.token).initialize()
         for n in range(3):
-            started = time.monotonic()
+            # Answered, by the child: a timeout would be an error, not this text.
             assert text_result(await client.request(call(n, "garbage"))) == "after garbage"
-            assert time.monotonic() - started < 3
         assert text_result(await client.request(call("e", "echo", text="clean"))) == "clean"
         status = await status_of(http, gw, "f")
     assert status["pid"] == pid and status["restarts"] == 0 and status["state"] == "running"
@@ -166,21 +162,19 @@ async def test_line_far_over_the_limit_fails_its_call_with_bounded_memory(
 ) -> None:
     limit = 64 * 1024
     huge = 48 * 1024 * 1024  # 768 times the limit
-    gw = await start_gateway({"f": fault_server(timeout=4)}, max_line=limit)
+    # With the id first, no timeout to fall back on (an hour): only the refusal can answer the call.
+    gw = await start_gateway({"f": fault_server(timeout=3600 if id_first else 4)}, max_line=limit)
     async with aiohttp.ClientSession() as http:
         pid = (await running(http, gw, "f"))["pid"]
         client = await Streamable(http, gw.url, gw.token).initialize()
         await client.request(call("warm", "oversize", size=limit // 2))  # under the limit: answered
         before = rss_mb()
-        started = time.monotonic()
         reply = await client.request(call("big", "oversize", size=huge, id_first=id_first))
-        elapsed = time.monotonic() - started
         grown = rss_mb() - before
         if id_first:
-            # The id leads the line, so its caller is told at once.
+            # The id leads the line, so its caller is told as it arrives.
             assert reply["error"]["code"] == -32603
             assert f"over {limit} bytes" in reply["error"]["message"]
-            assert elapsed < 3.5, elapsed
         else:
             # Nothing in the first bytes names the call: it ends by the backend's timeout instead.
             assert reply["error"]["code"] == -32001
@@ -193,36 +187,40 @@ async def test_line_far_over_the_limit_fails_its_call_with_bounded_memory(
 # -- a child that closes stdout but keeps running --------------------------------------------------
 
 
-async def test_child_that_closes_stdout_but_keeps_running_is_restarted(start_gateway: StartGateway) -> None:
-    timeout = 8.0
-    gw = await start_gateway({"f": fault_server(timeout=timeout)})
+async def test_child_that_closes_stdout_but_keeps_running_is_restarted(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    record = tmp_path / "received.jsonl"
+    # No request timeout to fall back on (an hour): only the closed stdout can end the calls.
+    gw = await start_gateway({"f": fault_server(record=record, timeout=3600)})
     async with aiohttp.ClientSession() as http:
         old_pid = (await running(http, gw, "f"))["pid"]
         client = await Streamable(http, gw.url, gw.token).initialize()
-        in_flight = asyncio.create_task(client.request(call("slow", "sleep", seconds=30)))
-        await asyncio.sleep(0.2)
-        started = time.monotonic()
+        in_flight = asyncio.create_task(client.request(call("slow", "sleep", seconds=3600)))
+        assert await wait_until(lambda: record.exists() and '"name":"sleep"' in record.read_text(), 30)
         closing = await client.request(call("close", "close_stdout"))
         slow = await in_flight
-        # Both calls end with an error at once, not after the request timeout.
-        assert time.monotonic() - started < timeout / 2
-        assert "error" in closing and "error" in slow
+        # Both calls end with an error, as soon as the output closes.
+        assert "stopped" in closing["error"]["message"] and "stopped" in slow["error"]["message"]
         # The gateway says so, and replaces the child.
         status = await poll(
-            lambda: status_of(http, gw, "f"), lambda s: s["state"] == "running" and s["pid"] != old_pid, 5
+            lambda: status_of(http, gw, "f"), lambda s: s["state"] == "running" and s["pid"] != old_pid, 30
         )
         assert status["pid"] != old_pid and status["restarts"] >= 1, status
         assert "stdout" in (status["last_error"] or "")
         assert text_result(await client.request(call("after", "echo", text="back"))) == "back"
-        assert await wait_until(lambda: not alive(old_pid), 5), "the old child was left running"
+        assert await wait_until(lambda: not alive(old_pid), 30), "the old child was left running"
 
 
 # -- a wedged child ----------------------------------------------------------------------------------
 
 
 async def test_child_that_stops_reading_refuses_requests_with_bounded_memory(
-    start_gateway: StartGateway,
+    start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The wedge check (a ping after a timeout) would restart the child part-way through the burst,
+    # at a time: here it never gives up on the ping, so the child stays wedged throughout.
+    monkeypatch.setattr(backend_module, "PING_TIMEOUT", 3600.0)
     limit = 64 * 1024
     gw = await start_gateway({"f": fault_server(timeout=2)}, max_line=limit)
     async with aiohttp.ClientSession() as http:
@@ -230,17 +228,19 @@ async def test_child_that_stops_reading_refuses_requests_with_bounded_memory(
         client = await Streamable(http, gw.url, gw.token).initialize()
         stall = await client.request(call("stall", "stall"))
         assert stall["error"]["code"] == -32001
+        child = gw.app[BACKENDS]["f"]._child  # type: ignore[attr-defined]
         # 200 requests of 16 KB (3 MB) at a child that reads nothing: the pipe and a bounded buffer
         # fill, the rest are refused at once, and every one is answered with an error.
         before = rss_mb()
         started = time.monotonic()
-        burst = asyncio.gather(*(client.request(call(n, "echo", text="z" * 16_384)) for n in range(200)))
-        await asyncio.sleep(0.5)
-        child = gw.app[BACKENDS]["f"]._child  # type: ignore[attr-defined]
-        buffered = child.process.stdin.transport.get_write_buffer_size()
-        replies = await burst
+        replies = await asyncio.gather(
+            *(client.request(call(n, "echo", text="z" * 16_384)) for n in range(200))
+        )
         elapsed = time.monotonic() - started
         grown = rss_mb() - before
+        # Nothing drains a pipe nobody reads: what is buffered now is the most it ever held.
+        assert gw.app[BACKENDS]["f"]._child is child  # type: ignore[attr-defined]
+        buffered = child.process.stdin.transport.get_write_buffer_size()
         refused = [r for r in replies if "not reading its input" in r.get("error", {}).get("message", "")]
         timed_out = [r for r in replies if r.get("error", {}).get("code") == -32001]
         print(
@@ -252,7 +252,6 @@ async def test_child_that_stops_reading_refuses_requests_with_bounded_memory(
         assert refused, (
             "nothing was refused: the gateway buffered every request for a child that reads nothing"
         )
-        assert elapsed < 2 + 3
         assert grown < 32
 
 
@@ -265,7 +264,7 @@ async def test_wedged_child_is_restarted_and_reported(
         client = await Streamable(http, gw.url, gw.token).initialize()
         assert (await client.request(call("stall", "stall")))["error"]["code"] == -32001
         status = await poll(
-            lambda: status_of(http, gw, "f"), lambda s: s["state"] == "running" and s["pid"] != old_pid, 6
+            lambda: status_of(http, gw, "f"), lambda s: s["state"] == "running" and s["pid"] != old_pid, 30
         )
         assert status["pid"] != old_pid and status["last_error"], status
         assert text_result(await client.request(call("after", "echo", text="back"))) == "back"
@@ -274,9 +273,17 @@ async def test_wedged_child_is_restarted_and_reported(
 # -- one bad backend among good ones ---------------------------------------------------------------
 
 
-async def test_one_misbehaving_backend_does_not_disturb_another(start_gateway: StartGateway) -> None:
+async def test_one_misbehaving_backend_does_not_disturb_another(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    record = tmp_path / "received.jsonl"
+    # No request timeout on the bad backend (an hour): a call it never answers stays in flight
+    # through every fault below, and the good backend must serve calls meanwhile. An order of
+    # events, not a latency: how long the good calls took is printed, not bounded.
     gw = await start_gateway(
-        {"bad": fault_server(timeout=1), "good": SDK_SERVER}, max_line=256 * 1024, keepalive=1
+        {"bad": fault_server(record=record, timeout=3600), "good": SDK_SERVER},
+        max_line=256 * 1024,
+        keepalive=1,
     )
     async with aiohttp.ClientSession() as http:
         bad_pid = (await running(http, gw, "bad"))["pid"]
@@ -298,29 +305,46 @@ async def test_one_misbehaving_backend_does_not_disturb_another(start_gateway: S
                 assert text_result(reply) == str(n + 1), reply
                 served.append(time.monotonic() - started)
 
+        async def good_calls_served_while_hung() -> None:
+            """Each good caller is answered again, while the bad backend's hung call is in flight."""
+            enough = len(served) + 2 * len(good)
+            async with asyncio.timeout(60):
+                while len(served) < enough:
+                    assert not any(c.done() for c in callers), [c.exception() for c in callers if c.done()]
+                    await asyncio.sleep(0.01)
+            assert not hung.done(), hung.result()
+
         callers = [asyncio.create_task(keep_calling(c, f"g{i}")) for i, c in enumerate(good)]
+        hung = asyncio.create_task(bad.request(call("hang", "hang")))
+        assert await wait_until(lambda: record.exists() and '"name":"hang"' in record.read_text(), 30)
+        await good_calls_served_while_hung()
         # The bad backend, one fault after another, each answered with an error for its caller only.
-        hang = await bad.request(call("hang", "hang"))
-        assert hang["error"]["code"] == -32001
         assert text_result(await bad.request(call("garbage", "garbage"))) == "after garbage"
+        await good_calls_served_while_hung()
         over = await bad.request(call("over", "oversize", size=1 << 20))
         assert "over 262144 bytes" in over["error"]["message"]
+        await good_calls_served_while_hung()
         flood = await bad.request(call("flood", "flood", count=300, size=2000))
         assert text_result(flood) == "flooded 300"
+        await good_calls_served_while_hung()
         crash = await bad.request(call("crash", "exit", code=3))
         assert "exited" in crash["error"]["message"]
+        assert "exited" in (await hung)["error"]["message"]  # ended by the crash, not by a timeout
         status = await poll(
-            lambda: status_of(http, gw, "bad"), lambda s: s["state"] == "running" and s["pid"] != bad_pid, 10
+            lambda: status_of(http, gw, "bad"), lambda s: s["state"] == "running" and s["pid"] != bad_pid, 30
         )
         assert status["restarts"] == 1 and "exited with code 3" in status["last_error"], status
         assert text_result(await bad.request(call("back", "echo", text="back"))) == "back"
+        served_before = len(served)
+        async with asyncio.timeout(60):
+            while len(served) < served_before + 2 * len(good):
+                await asyncio.sleep(0.01)
         stop.set()
         await asyncio.gather(*callers)
         await good[1].close()  # type: ignore[union-attr]
         good_status = await status_of(http, gw, "good")
+    print(f"[measure] good backend: {len(served)} calls, slowest {max(served):.3f} s")
     assert good_status == {**good_status, "state": "running", "pid": good_pid, "restarts": 0}
-    assert len(served) > 20, "the good backend was hardly called while the bad one misbehaved"
-    assert max(served) < 2, f"a call to the good backend took {max(served):.2f} s"
 
 
 # -- malformed messages: each one warning line, dropped; the child and its sessions serve on ------
