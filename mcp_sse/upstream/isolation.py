@@ -45,6 +45,7 @@ class PerSessionBackend(Backend):
         self._stopping: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
+        self._schemas: dict[str, dict[str, Any]] = {}
 
     async def start(self) -> None:
         self._probe = asyncio.create_task(self._learn(), name=f"backend-{self.name}-probe")
@@ -70,6 +71,9 @@ class PerSessionBackend(Backend):
         self.capabilities = child.capabilities
         self.server_info = child.server_info
         self.instructions = child.instructions
+        # SECURITY: a 2026-07-28 call is checked (inputSchema, Mcp-Param-*) before its child exists:
+        # without what was learned here its arguments would reach the backend unchecked.
+        self._schemas = {**self._schemas, **child._schemas}
 
     async def _reap_idle(self, idle: float) -> None:
         while True:
@@ -131,7 +135,7 @@ class PerSessionBackend(Backend):
         return sum(child.revive() for _, child in list(self.children.values()))
 
     def tool_schema(self, name: str) -> dict[str, Any] | None:
-        return next((child.tool_schema(name) for _, child in self.children.values()), None)
+        return self._schemas.get(name)
 
     def notify(self, session: Session, message: Message) -> None:
         if child := self._child(session):

@@ -208,3 +208,28 @@ def test_per_caller_values_need_per_session_isolation(
     path.write_text(json.dumps({"mcpServers": {"s": {"command": "x", **entry}}}))
     with pytest.raises(ConfigError, match=problem):
         load_servers(path, {})
+
+
+async def test_a_2026_call_to_a_per_session_backend_has_its_arguments_checked(
+    start_gateway: StartGateway,
+) -> None:
+    # The attacker's side: before any child of its own exists, a 2026-07-28 call must meet the
+    # tool's inputSchema exactly as a 2025 session's call does, not reach the backend unchecked.
+    tools = [{"name": "add", "inputSchema": {"type": "object", "properties": {"n": {"type": "integer"}}}}]
+    entry = {
+        "command": sys.executable,
+        "args": [str(SERVERS / "schema_server.py"), json.dumps(tools)],
+        "isolation": "per-session",
+    }
+    gw = await start_gateway({"iso": entry})
+    headers = modern_headers(gw.token, "tools/call", "add")
+    async with aiohttp.ClientSession() as http:
+        for arguments, expected in (({"n": "one"}, "error"), ({"n": 1}, "result")):
+            message = modern_request("tools/call", {"name": "add", "arguments": arguments})
+            async with http.post(gw.url + "/mcp", json=message, headers=headers) as response:
+                body = await response.json()
+            assert expected in body, body
+            if expected == "error":
+                assert body["error"]["code"] == -32602 and "integer" in body["error"]["message"]
+            else:
+                assert "reached add" in json.dumps(body["result"])
