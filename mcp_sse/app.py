@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Final
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp_session import session_middleware
 
 from .gateway import Gateway
+from .oauth.clients import DEFAULT_REDIRECT_URIS
+from .oauth.gate import ResourceGate, resource_path
+from .oauth.metadata import protected_resource_metadata, well_known_path
+from .oauth.resource import FetchPolicy, JwtVerifier
+from .oauth.server import AUTHORIZE_PATH, LOGIN_PATH, OAuthServer, add_oauth_server_routes
+from .oauth.server import PUBLIC_PATHS as OAUTH_SERVER_PATHS
+from .oauth.tokens import SigningKey
 from .ops.health import health, servers
 from .protocol.session import SessionStore
 from .security.audit import AuditLog
@@ -27,6 +36,7 @@ from .security.ipfilter import ip_allowlist_middleware
 from .security.keys import KeysFileError, KeyStore, digest
 from .security.origin import origin_middleware
 from .security.policy import KeyPolicy
+from .security.principals import Principals
 from .security.ratelimit import (
     FailureLockout,
     RateLimiter,
@@ -34,8 +44,19 @@ from .security.ratelimit import (
     ip_rate_limit_middleware,
 )
 from .security.request_id import install_request_id, request_id_middleware
-from .settings import GATEWAY_SECRETS, Settings, read_env_file
-from .state import AUDIT, BACKENDS, KEYS, LOGINS, SESSIONS, TASKS, TRANSPORT, TransportSettings
+from .settings import GATEWAY_SECRETS, Settings, is_loopback, read_env_file
+from .state import (
+    AUDIT,
+    BACKENDS,
+    KEYS,
+    LOGINS,
+    PRINCIPALS,
+    SESSIONS,
+    TASKS,
+    TRANSPORT,
+    TransportSettings,
+)
+from .store.sqlite import SQLiteStore
 from .transport.legacy_sse import LegacySSE
 from .transport.streamable import StreamableHTTP
 from .upstream.aggregate import AggregateBackend
@@ -73,10 +94,14 @@ def build_backends(
     return backends
 
 
+def _mcp_paths(prefix: str) -> list[str]:
+    return [f"{prefix}/sse", f"{prefix}/messages", f"{prefix}/mcp", f"{prefix}/mcp/"]
+
+
 def _add_mcp_routes(app: web.Application, prefix: str, gateway: Gateway) -> None:
     legacy = LegacySSE(gateway, f"{prefix}/messages")
     streamable = StreamableHTTP(gateway)
-    paths = [f"{prefix}/sse", f"{prefix}/messages", f"{prefix}/mcp", f"{prefix}/mcp/"]
+    paths = _mcp_paths(prefix)
     app.router.add_get(paths[0], legacy.stream)
     app.router.add_post(paths[1], legacy.post)
     # Both spellings are served: a redirect from /mcp to /mcp/ breaks POSTing clients.
@@ -117,6 +142,10 @@ def create_app(
             {digest(settings.auth_token.reveal())} if settings.token_generated and settings.auth_token else ()
         ),
     )
+    principals = Principals(keys)
+    oauth = _OAuthWiring(settings, backends, keys=keys, logins=logins, audit=audit, principals=principals)
+    if oauth.public_paths:
+        auth_settings = dataclasses.replace(auth_settings, public_paths=oauth.public_paths)
     # Outermost first: reading this list is reading the path of every request.
     middlewares = [
         error_middleware(),
@@ -127,6 +156,7 @@ def create_app(
             allowed_origins=settings.allowed_origins,
             allowed_hosts=settings.allowed_hosts or None,
             audit=audit,
+            path_origins=oauth.page_origins,
         ),
         ip_rate_limit_middleware(
             limiter=limiter,
@@ -134,9 +164,12 @@ def create_app(
                 max_failures=settings.lockout_failures, lockout_seconds=settings.lockout_seconds
             ),
             audit=audit,
+            login_paths=oauth.login_paths,
         ),
         session_middleware(CookieStorage(settings.session_secret, lifetime=settings.cookie_lifetime)),
-        authentication(keys=keys, logins=logins, limiter=limiter, audit=audit, settings=auth_settings),
+        authentication(
+            keys=keys, logins=logins, limiter=limiter, audit=audit, settings=auth_settings, oauth=oauth.gate
+        ),
         authorization(),
     ]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body)
@@ -157,6 +190,7 @@ def create_app(
     app[KEYS] = keys
     app[AUDIT] = audit
     app[LOGINS] = logins
+    app[PRINCIPALS] = principals
     app[ROUTE_BACKENDS] = {}
 
     app.router.add_get("/health", health)
@@ -167,7 +201,7 @@ def create_app(
         return Gateway(
             backend,
             name=name,
-            policy=KeyPolicy(keys, name),
+            policy=KeyPolicy(principals, name),
             audit=audit,
             audit_arguments=settings.audit_arguments,
         )
@@ -180,6 +214,7 @@ def create_app(
         app.on_startup.append(lambda app: _report_collisions(app, aggregate))
     for name, backend in backends.items():
         _add_mcp_routes(app, f"/servers/{name}", gateway(name, backend))
+    oauth.add_routes(app)
 
     setup_cors(app, allowed_origins=settings.allowed_origins)
     install_security_headers(app, hsts=settings.tls)
@@ -227,8 +262,10 @@ def end_identities(app: web.Application, key_ids: set[str]) -> int:
     if not key_ids:
         return 0
     ended = 0
+    # The OAuth callers whose tokens these keys approved end with them.
+    identities = set(key_ids) | app[PRINCIPALS].derived_from(key_ids)
     for session in app[SESSIONS].all():
-        if session.identity in key_ids:
+        if session.identity in identities:
             session.close()
             ended += 1
     logins = app[LOGINS]
@@ -236,6 +273,100 @@ def end_identities(app: web.Application, key_ids: set[str]) -> int:
         for key_id in key_ids:
             logins.end_key(key_id)
     return ended
+
+
+class _OAuthWiring:
+    """What OAUTH_SERVER and OAUTH_ISSUERS add to the app; with neither set, nothing at all."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        backends: Mapping[str, Backend],
+        *,
+        keys: KeyStore,
+        logins: Logins,
+        audit: AuditLog,
+        principals: Principals,
+    ) -> None:
+        self.gate: ResourceGate | None = None
+        self.server: OAuthServer | None = None
+        self.verifier: JwtVerifier | None = None
+        self.public_paths: frozenset[str] = frozenset()
+        self.page_origins: dict[str, list[str]] = {}
+        self.login_paths: tuple[str, ...] = ("/auth/login",)
+        self.documents: dict[str, dict[str, object]] = {}
+        if not settings.oauth:
+            return
+        public = settings.public_origin
+        routes = [
+            path for prefix in ["", *(f"/servers/{n}" for n in backends)] for path in _mcp_paths(prefix)
+        ]
+        # "" is the gateway itself (PUBLIC_URL): the resource of its routes that are no MCP route.
+        resources = ["", *dict.fromkeys(resource_path(path) for path in routes)]
+        issuers: list[str] = []
+        if settings.oauth_server:
+            state_dir = settings.state_dir
+            self.server = OAuthServer(
+                issuer=public,
+                resource_urls=[public + path for path in resources],
+                keys=keys,
+                logins=logins,
+                store=SQLiteStore(state_dir / "oauth.sqlite3"),
+                audit=audit,
+                signing_key=SigningKey.load_or_create(state_dir),
+                token_ttl=settings.oauth_token_ttl,
+                refresh_ttl=settings.oauth_refresh_ttl,
+                backends=lambda: tuple(backends),
+                redirect_uri_patterns=settings.oauth_redirect_uris or DEFAULT_REDIRECT_URIS,
+            )
+            principals.approver = self.server.tokens.approver
+            issuers.append(self.server.issuer)
+            # The sign-in and consent forms post to themselves from the gateway's own origin.
+            self.page_origins = {AUTHORIZE_PATH: [public], LOGIN_PATH: [public]}
+            # A key typed into the sign-in page is a guess like any other: counted by the lockout.
+            self.login_paths = ("/auth/login", LOGIN_PATH)
+            self.public_paths = OAUTH_SERVER_PATHS
+        if settings.oauth_issuers:
+            loopback = any(
+                urlsplit(i).scheme == "http" and is_loopback(urlsplit(i).hostname or "")
+                for i in settings.oauth_issuers
+            )
+            self.verifier = JwtVerifier(
+                issuers=list(settings.oauth_issuers),
+                fetch=FetchPolicy(timeout=settings.oauth_fetch_timeout, allow_http_loopback=loopback),
+            )
+            issuers.extend(settings.oauth_issuers)
+        self.gate = ResourceGate(
+            public_url=public,
+            routes=routes,
+            principals=principals,
+            own=self.server.tokens if self.server is not None else None,
+            verifier=self.verifier,
+        )
+        for path in resources:
+            self.documents[well_known_path(path)] = protected_resource_metadata(public + path, issuers)
+        self.public_paths = self.public_paths | frozenset(self.documents)
+
+    def add_routes(self, app: web.Application) -> None:
+        for path, document in self.documents.items():
+            app.router.add_get(path, _metadata_handler(document))
+        if self.server is not None:
+            add_oauth_server_routes(app, self.server)  # and its store's lifecycle
+        if (verifier := self.verifier) is not None:
+
+            async def close_verifier(app: web.Application) -> None:
+                await verifier.close()
+
+            app.on_cleanup.append(close_verifier)
+
+
+def _metadata_handler(document: Mapping[str, object]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """RFC 9728 protected-resource metadata: public, the same for everyone."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(document, headers={"Cache-Control": "public, max-age=3600"})
+
+    return handler
 
 
 async def _backends_lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -256,7 +387,7 @@ async def _reaper(app: web.Application) -> AsyncIterator[None]:
             gone = {
                 s.identity
                 for s in app[SESSIONS].all()
-                if s.identity and app[KEYS].current(s.identity) is None
+                if s.identity and app[PRINCIPALS].current(s.identity) is None
             }
             if gone and (ended := end_identities(app, gone)):
                 app[AUDIT].event("session.expired", None, keys=", ".join(sorted(gone)), sessions_closed=ended)

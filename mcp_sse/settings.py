@@ -116,6 +116,48 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _public_url(text: str) -> str:
+    """PUBLIC_URL: scheme://host[:port], the origin clients reach the gateway at. Issuer and
+    resource identifiers are made from it, so it holds no path, query, fragment or user info."""
+    from urllib.parse import urlsplit
+
+    text = text.strip()
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number in range
+    except ValueError:
+        raise ValueError(f"PUBLIC_URL {text!r} has an invalid port") from None
+    if parts.scheme not in ("https", "http") or not parts.hostname or "//" not in text:
+        raise ValueError(f"PUBLIC_URL {text!r} must be an absolute https:// (or http://) URL")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise ValueError(f"PUBLIC_URL {text!r} must be scheme://host[:port] only, no path, query or fragment")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"PUBLIC_URL {text!r} must not carry user info")
+    if not text.isascii() or any(c in text for c in ' "\\'):
+        raise ValueError(f"PUBLIC_URL {text!r} must be visible ASCII without quotes or backslashes")
+    host = parts.netloc.lower()
+    if parts.port is not None and parts.port == {"http": 80, "https": 443}[parts.scheme]:
+        host = host.rpartition(":")[0]  # the default port, as browsers leave it out of an Origin
+    return f"{parts.scheme}://{host}"
+
+
+def _issuer_url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"issuer {text!r} must be an absolute https:// URL")
+    if parts.query or parts.fragment or parts.username is not None or parts.password is not None:
+        raise ValueError(f"issuer {text!r} must have no query, fragment or user info (RFC 8414 section 2)")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise ValueError(f"issuer {text!r} must use https (plain http only on a loopback address)")
+    return text
+
+
+def _issuers(text: str) -> tuple[str, ...]:
+    return tuple(_issuer_url(item) for item in _list(text))
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -208,6 +250,25 @@ class Settings:
     tls_key: Path | None = field(default=None, metadata={"env": "TLS_KEY", "parse": Path})
     health_public: bool = field(default=False, metadata={"env": "HEALTH_PUBLIC", "parse": _bool})
     url_auth: bool = field(default=False, metadata={"env": "URL_AUTH", "parse": _bool})
+    # -- OAuth (all off by default) ------------------------------------------------------------
+    public_url: str | None = field(default=None, metadata={"env": "PUBLIC_URL", "parse": _public_url})
+    oauth_server: bool = field(default=False, metadata={"env": "OAUTH_SERVER", "parse": _bool})
+    oauth_issuers: tuple[str, ...] = field(default=(), metadata={"env": "OAUTH_ISSUERS", "parse": _issuers})
+    # Empty: the built-in server's defaults (claude.ai, claude.com, ChatGPT, loopback on any port).
+    oauth_redirect_uris: tuple[str, ...] = field(
+        default=(), metadata={"env": "OAUTH_REDIRECT_URIS", "parse": _list}
+    )
+    oauth_token_ttl: float = field(
+        default=3600.0, metadata={"env": "OAUTH_TOKEN_TTL_SECONDS", "parse": _positive(float)}
+    )
+    oauth_refresh_ttl: float = field(
+        default=30 * 86400.0, metadata={"env": "OAUTH_REFRESH_TTL_SECONDS", "parse": _positive(float)}
+    )
+    oauth_fetch_timeout: float = field(
+        default=5.0, metadata={"env": "OAUTH_FETCH_TIMEOUT_SECONDS", "parse": _positive(float)}
+    )
+    # STATE_DIR, else systemd's $STATE_DIRECTORY (see `load`), else ./state.
+    state_dir: Path = field(default=Path("state"), metadata={"env": "STATE_DIR", "parse": Path})
     token_generated: bool = False
 
     def __post_init__(self) -> None:
@@ -225,6 +286,28 @@ class Settings:
         if "*" in self.allowed_origins:
             # With credentials allowed, "*" would let any web page read the answers.
             raise SettingsError("ALLOWED_ORIGINS cannot be '*': list the exact origins")
+        if isinstance(self.oauth_issuers, str):
+            raise SettingsError("OAUTH_ISSUERS must be a list of issuer URLs, not one string")
+        try:
+            if self.public_url is not None:
+                object.__setattr__(self, "public_url", _public_url(self.public_url))
+            for issuer in self.oauth_issuers:
+                _issuer_url(issuer)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        if self.oauth_refresh_ttl < self.oauth_token_ttl:
+            raise SettingsError(
+                f"OAUTH_REFRESH_TTL_SECONDS={self.oauth_refresh_ttl:g} must be at least "
+                f"OAUTH_TOKEN_TTL_SECONDS={self.oauth_token_ttl:g}"
+            )
+        if self.oauth and self.public_url is None:
+            if not self.loopback:
+                raise SettingsError(
+                    f"PUBLIC_URL is required with OAuth on a non-loopback bind (HOST={self.host}): "
+                    "the URL clients use, e.g. https://mcp.example.com"
+                )
+            if self.port == 0:
+                raise SettingsError("PUBLIC_URL is required with OAuth on PORT=0 (the port is not known yet)")
 
     @property
     def key_rate_limit(self) -> int:
@@ -238,6 +321,19 @@ class Settings:
         if self.key_rate_limit_max_requests is not None:
             return self.key_rate_limit_max_requests
         return max(KEY_RATE_LIMIT_DEFAULT, self.rate_limit_max_requests)
+
+    @property
+    def oauth(self) -> bool:
+        """Is any OAuth mode on (the built-in server, or external issuers)?"""
+        return self.oauth_server or bool(self.oauth_issuers)
+
+    @property
+    def public_origin(self) -> str:
+        """PUBLIC_URL, or on loopback http://<HOST>:<PORT>: what issuer and resource URLs start with."""
+        if self.public_url is not None:
+            return self.public_url
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def loopback(self) -> bool:
@@ -278,6 +374,9 @@ class Settings:
                 values[f.name] = overrides[f.name]
                 continue
             raw = environ.get(name, file_values.get(name))
+            if raw is None and name == "STATE_DIR" and environ.get("STATE_DIRECTORY"):
+                # systemd's StateDirectory=: a colon-separated list, the first is ours.
+                raw = environ["STATE_DIRECTORY"].split(":")[0]
             if raw is None or (raw == "" and f.default is None and f.name != "audit_log"):
                 continue
             try:

@@ -12,9 +12,11 @@ from aiohttp import web
 from .protocol.session import SessionStore
 
 if TYPE_CHECKING:
+    from .principal import Principal
     from .security.audit import AuditLog
     from .security.cookies import Logins
     from .security.keys import ApiKey, KeyStore
+    from .security.principals import Principals
     from .upstream.backend import Backend
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "IDENTITY",
     "KEYS",
     "LOGINS",
+    "PRINCIPAL",
+    "PRINCIPALS",
     "REQUEST_ID",
     "SECURE",
     "SESSIONS",
@@ -53,6 +57,8 @@ BACKENDS: Final = web.AppKey("backends", dict[str, "Backend"])
 KEYS: Final[web.AppKey[KeyStore]] = web.AppKey("keys")
 AUDIT: Final[web.AppKey[AuditLog]] = web.AppKey("audit")
 LOGINS: Final[web.AppKey[Logins | None]] = web.AppKey("logins")
+PRINCIPALS: Final[web.AppKey[Principals]] = web.AppKey("principals")
+"""Resolves a session's identity (a key id, or an OAuth identity) to its caller as it stands now."""
 
 REQUEST_ID: Final = web.RequestKey("request_id", str)
 """A random id per request, echoed in `X-Request-Id` and in every audit line about the request."""
@@ -63,4 +69,6 @@ SECURE: Final = web.RequestKey("secure", bool)
 API_KEY: Final[web.RequestKey[ApiKey]] = web.RequestKey("api_key")
 """The key that authenticated the request (its policy travels with it)."""
 IDENTITY: Final = web.RequestKey("identity", str)
-"""Who sent the request, set by authentication: a key id, never a secret."""
+"""Who sent the request, set by authentication: a key id (or an OAuth identity), never a secret."""
+PRINCIPAL: Final[web.RequestKey[Principal]] = web.RequestKey("principal")
+"""The caller an OAuth access token authenticated (requests with a key have API_KEY instead)."""

@@ -1,26 +1,31 @@
 """Authentication (who is calling) and authorization (may they use this route).
 
-Credentials: `Authorization: Bearer <key>` on every request, or a cookie login made at
-`POST /auth/login`. A token in the query string is refused unless URL_AUTH=true.
+Credentials, in this order: `Authorization: Bearer <key>`; with OAuth on, a bearer OAuth access
+token (oauth/gate.py); a cookie login made at `POST /auth/login`. A token in the query string is
+refused unless URL_AUTH=true.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from ..oauth.resource import TokenError
 from ..ops.health import public_health
-from ..state import API_KEY, CLIENT_IP, IDENTITY, SESSIONS
+from ..state import API_KEY, CLIENT_IP, IDENTITY, PRINCIPAL, SESSIONS
 from .audit import AuditLog, digest
 from .cookies import Logins, login_from_cookie
 from .cors import is_preflight
 from .errors import forbidden, unauthorized
 from .keys import ApiKey, KeyStore, bearer_token
 from .ratelimit import LOCKED_OUT, LogThrottle, RateLimiter, StreamCounter, charge_key, lockout_refusal
+
+if TYPE_CHECKING:
+    from ..oauth.gate import Authenticated, ResourceGate
 
 __all__ = ["ROUTE_BACKENDS", "AuthSettings", "authentication", "authorization"]
 
@@ -40,19 +45,28 @@ class AuthSettings:
     unguessable: frozenset[bytes] = frozenset()
     """SHA-256 digests of secrets this process generated itself (the per-run AUTH_TOKEN of a
     loopback start): 256 random bits, which no guess hits, so a lockout need not refuse them."""
+    public_paths: frozenset[str] = frozenset()
+    """More paths that need no caller (OAuth metadata, the authorization server's endpoints)."""
 
 
-def _presented_token(request: web.Request, url_auth: bool) -> str | None:
+def _presented_token(request: web.Request, url_auth: bool, gate: ResourceGate | None = None) -> str | None:
+    def refuse(reason: str) -> web.HTTPException:
+        return (
+            unauthorized(reason)
+            if gate is None
+            else gate.unauthorized(request, reason, error="invalid_request")
+        )
+
     header = request.headers.get("Authorization")
     if header is not None:
         if (token := bearer_token(header)) is None:
-            raise unauthorized("Invalid token: use Authorization: Bearer <token>")
+            raise refuse("Invalid token: use Authorization: Bearer <token>")
         return token
     for name in URL_TOKEN_PARAMS:
         if name in request.query:
             if not url_auth:
                 # URLs end up in proxy logs, browser history and Referer headers.
-                raise unauthorized("tokens in the URL are refused; send Authorization: Bearer <token>")
+                raise refuse("tokens in the URL are refused; send Authorization: Bearer <token>")
             return request.query[name]
     return None
 
@@ -95,28 +109,58 @@ def _is_stream(request: web.Request) -> bool:
 
 
 def authentication(
-    *, keys: KeyStore, logins: Logins | None, limiter: RateLimiter, audit: AuditLog, settings: AuthSettings
+    *,
+    keys: KeyStore,
+    logins: Logins | None,
+    limiter: RateLimiter,
+    audit: AuditLog,
+    settings: AuthSettings,
+    oauth: ResourceGate | None = None,
 ) -> Middleware:
+    """With `oauth` None (no OAuth setting), exactly the key and cookie chain of before."""
     streams = StreamCounter(settings.max_streams)
     # One auth.success line per key and address every 10 minutes: a trail, not a flood.
     successes = LogThrottle(seconds=600)
 
+    def refuse(request: web.Request, reason: str) -> web.HTTPException:
+        return unauthorized(reason) if oauth is None else oauth.unauthorized(request, reason)
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if is_preflight(request) or request.path in PUBLIC_PATHS:
+        if is_preflight(request) or request.path in PUBLIC_PATHS or request.path in settings.public_paths:
             return await handler(request)
-        token = _presented_token(request, settings.url_auth)
+        token = _presented_token(request, settings.url_auth, oauth)
         if token is None and settings.health_public and request.path == "/health":
             return public_health(request.app)  # /health's code and status for load balancers, no names
+        authenticated: Authenticated | None = None
+        key: ApiKey | None
         if token is not None:
             key = keys.verify(token)
-            if (left := request.get(LOCKED_OUT)) is not None and not _admitted_while_locked(
-                request, key, settings.unguessable
+            refused: TokenError | None = None
+            if key is None and oauth is not None:
+                try:
+                    authenticated = await oauth.authenticate(request, token)
+                except TokenError as exc:
+                    refused = exc
+            # A verified access token passes a lockout: its signature is nothing a guess produces.
+            if (
+                (left := request.get(LOCKED_OUT)) is not None
+                and authenticated is None
+                and not _admitted_while_locked(request, key, settings.unguessable)
             ):
                 raise lockout_refusal(left)  # audited by the rate-limit layer, as every refusal of a lockout
-            if key is None:
-                audit.event("auth.failed", request, token_sha256=digest(token.encode()))
-                raise unauthorized("Invalid token")
+            if key is None and authenticated is None:
+                if refused is None or oauth is None:
+                    audit.event("auth.failed", request, token_sha256=digest(token.encode()))
+                    raise (
+                        unauthorized("Invalid token")
+                        if oauth is None
+                        else oauth.unauthorized(request, "Invalid token", error="invalid_token")
+                    )
+                audit.event(
+                    "auth.failed", request, token_sha256=digest(token.encode()), reason=refused.description
+                )
+                raise oauth.refusal(request, refused)
         else:
             # A cookie login passes a lockout: its id is random and sealed, nothing a guess makes.
             # A dead one is a 401, which the rate-limit layer turns into the lockout's 429.
@@ -124,7 +168,7 @@ def authentication(
             key = keys.current(login.key_id) if login is not None else None
             if login is None or key is None:
                 audit.event("auth.failed", request, reason="no credentials")
-                raise unauthorized("missing bearer token")
+                raise refuse(request, "missing bearer token")
             # A cookie rides along on cross-site requests; an allowed Origin proves the page is ours (CSRF).
             if (
                 request.method not in SAFE_METHODS
@@ -132,19 +176,38 @@ def authentication(
             ):
                 audit.event("origin.denied", request, reason="cookie without allowed Origin")
                 raise forbidden("cookie-authenticated requests need an Origin listed in ALLOWED_ORIGINS")
-        request[IDENTITY] = key.id
-        request[API_KEY] = key
-        if successes.allow(f"{key.id}:{request.get(CLIENT_IP)}"):
-            audit.event("auth.success", request, via="bearer" if token is not None else "cookie")
+        if authenticated is not None:
+            principal = authenticated.principal
+            budget, limit = authenticated.budget, principal.rate_limit or settings.rate_limit
+            request[IDENTITY] = principal.id
+            request[PRINCIPAL] = principal
+            if successes.allow(f"{principal.id}:{request.get(CLIENT_IP)}"):
+                # Who, by issuer and subject (and the client acting for them); never the token.
+                audit.event(
+                    "auth.success",
+                    request,
+                    via="oauth",
+                    issuer=principal.issuer,
+                    subject=principal.subject,
+                    client_id=principal.client_id,
+                    role=principal.role,
+                )
+        else:
+            assert key is not None
+            budget, limit = key.id, key.rate_limit or settings.rate_limit
+            request[IDENTITY] = key.id
+            request[API_KEY] = key
+            if successes.allow(f"{key.id}:{request.get(CLIENT_IP)}"):
+                audit.event("auth.success", request, via="bearer" if token is not None else "cookie")
         try:
-            charge_key(request, limiter, key.id, key.rate_limit or settings.rate_limit)
+            charge_key(request, limiter, budget, limit)
         except web.HTTPTooManyRequests:
             audit.event("rate_limited", request, scope="key")
             raise
         if not _is_stream(request):
             return await handler(request)
         # A stream holds memory and a socket for as long as it lives: cap them per key.
-        if not streams.acquire(key.id):
+        if not streams.acquire(budget):
             audit.event("rate_limited", request, scope="streams")
             raise web.HTTPTooManyRequests(
                 text=json.dumps({"error": f"more than {settings.max_streams} open streams for this key"}),
@@ -154,7 +217,7 @@ def authentication(
         try:
             return await handler(request)
         finally:
-            streams.release(key.id)
+            streams.release(budget)
 
     return middleware
 
@@ -163,11 +226,17 @@ def authorization() -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         key = request.get(API_KEY)
+        principal = request.get(PRINCIPAL)
         if key is not None and key.backends is not None:  # a key limited to some backends
             resource = request.match_info.route.resource
             backend = request.app[ROUTE_BACKENDS].get(resource.canonical if resource else "")
             if backend is not None and not key.may_use_backend(backend):
                 raise forbidden(f"key {key.id!r} may not use backend {backend!r}")
+        if principal is not None and principal.backends is not None:  # a token of such a key
+            resource = request.match_info.route.resource
+            backend = request.app[ROUTE_BACKENDS].get(resource.canonical if resource else "")
+            if backend is not None and not principal.may_use_backend(backend):
+                raise forbidden(f"{principal.name!r} may not use backend {backend!r}")
         return await handler(request)
 
     return middleware

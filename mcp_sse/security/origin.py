@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -113,13 +113,19 @@ def _forbidden(reason: str) -> web.HTTPForbidden:
 
 
 def origin_middleware(
-    *, allowed_origins: Sequence[str], allowed_hosts: Sequence[str] | None, audit: AuditLog
+    *,
+    allowed_origins: Sequence[str],
+    allowed_hosts: Sequence[str] | None,
+    audit: AuditLog,
+    path_origins: Mapping[str, Collection[str]] | None = None,
 ) -> Middleware:
     """Refuse a present-but-unlisted Origin, and (when `allowed_hosts` is non-empty) an unlisted Host.
 
     An `allowed_hosts` entry without a port (or with `:*`) matches that name on any port: DNS
     rebinding is about the name, and the port is whatever the server listens on. An empty list
-    or None turns the Host check off.
+    or None turns the Host check off. `path_origins` allows more origins on some exact paths
+    only: the gateway's own origin (PUBLIC_URL) on its OAuth sign-in and consent pages, whose
+    forms post back to themselves (those handlers check the Origin and a CSRF token again).
     """
     if isinstance(allowed_origins, str) or isinstance(allowed_hosts, str):
         raise ValueError("allowed_origins and allowed_hosts must be lists, not one string")
@@ -133,13 +139,19 @@ def origin_middleware(
         if entry.strip():
             hosts.add(normalise_host(entry))
 
-    def origin_allowed(values: list[str]) -> bool:
+    extra = {
+        path: frozenset(normalise_origin(o) for o in more) for path, more in (path_origins or {}).items()
+    }
+    none: frozenset[str] = frozenset()
+
+    def origin_allowed(values: list[str], path: str) -> bool:
         if len(values) != 1:
             return False  # two Origin headers: which one would the browser have meant? Neither.
         try:
-            return normalise_origin(values[0], header=True) in origins
+            origin = normalise_origin(values[0], header=True)
         except ValueError:
             return False  # "null" (sandboxed frames, file://, some redirects), garbage
+        return origin in origins or origin in extra.get(path, none)
 
     def host_allowed(values: list[str]) -> bool:
         if len(values) != 1:
@@ -153,7 +165,7 @@ def origin_middleware(
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.getall("Origin", [])
-        if origin and not origin_allowed(origin):
+        if origin and not origin_allowed(origin, request.path):
             audit.event("origin.denied", request, origin=origin[0])
             raise _forbidden("origin not allowed")
         if hosts and not host_allowed(request.headers.getall("Host", [])):

@@ -10,7 +10,7 @@ from typing import Any, Final
 
 from ..protocol.jsonrpc import Message, error_response
 from ..protocol.session import Session
-from .keys import KeyStore
+from .principals import Resolver
 
 __all__ = ["FORBIDDEN", "KeyPolicy"]
 
@@ -32,7 +32,10 @@ VIEWER_MAY: Final = frozenset(
 
 
 class KeyPolicy:
-    def __init__(self, keys: KeyStore, backend: str) -> None:
+    """`keys` resolves a session's identity to its caller as it stands now: a KeyStore (keys only),
+    or security.principals.Principals (keys, and the callers OAuth tokens made)."""
+
+    def __init__(self, keys: Resolver, backend: str) -> None:
         self.keys = keys
         self.backend = backend
 
