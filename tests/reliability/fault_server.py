@@ -10,6 +10,7 @@ Tools (every argument optional):
   pid()                           the child's process id
   sleep(seconds)                  answer after `seconds`, without blocking other requests
   hang()                          never answer (this call; the child keeps serving others)
+  gate(path)                      answer "opened" once the file `path` exists (an event the test makes)
   stall()                         stop reading stdin and answering anything, but stay alive
   flood(count, size, kind, pace)  write `count` notifications of about `size` bytes, then answer;
                                   kind "log" (notifications/message, goes to the caller's stream),
@@ -39,6 +40,7 @@ TOOLS = [
     "pid",
     "sleep",
     "hang",
+    "gate",
     "stall",
     "flood",
     "garbage",
@@ -84,6 +86,15 @@ def call(request_id: object, name: str, args: dict) -> None:
         timer.start()
     elif name == "hang":
         pass
+    elif name == "gate":
+        path = str(args.get("path", ""))
+
+        def wait_for_path() -> None:
+            while not os.path.exists(path):
+                time.sleep(0.02)
+            text(request_id, "opened")
+
+        threading.Thread(target=wait_for_path, daemon=True).start()
     elif name == "stall":
         time.sleep(3600)  # wedged: reads nothing more, answers nothing, stays alive
     elif name == "flood":

@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from mcp_sse.security.keys import generate_key
-from tests.conftest import SDK_SERVER, next_event
+from tests.conftest import SDK_SERVER, next_event, wait_for_text
 from tests.reliability.harness import (
     FAULT_SERVER,
     GatewayProcess,
@@ -41,10 +41,15 @@ from tests.reliability.harness import (
 GRACE = 3.0
 
 
-def forking_fault_server() -> dict[str, Any]:
+def forking_fault_server(record: Path) -> dict[str, Any]:
     """A child that leaves a grandchild in its process group, as `npx` and shell wrappers do."""
-    script = f"sleep 300 & exec {shlex.quote(sys.executable)} {shlex.quote(FAULT_SERVER)}"
-    return {"command": "sh", "args": ["-c", script]}
+    fault = f"{shlex.quote(sys.executable)} {shlex.quote(FAULT_SERVER)} --record {shlex.quote(str(record))}"
+    return {"command": "sh", "args": ["-c", f"sleep 300 & exec {fault}"]}
+
+
+def received(record: Path, tool: str) -> int:
+    """How many calls of `tool` the fault server has read (see its --record)."""
+    return record.read_text().count(f'"name":"{tool}"') if record.exists() else 0
 
 
 async def process_tree(gw: GatewayProcess, http: aiohttp.ClientSession) -> dict[str, set[int]]:
@@ -54,7 +59,9 @@ async def process_tree(gw: GatewayProcess, http: aiohttp.ClientSession) -> dict[
 
 
 async def test_sigterm_closes_streams_kills_every_group_and_exits_0(tmp_path: Path) -> None:
-    servers = {"f": forking_fault_server(), "sdk": SDK_SERVER}
+    record, marker = tmp_path / "received.jsonl", tmp_path / "marker"
+    # No request timeout (an hour) that could end the calls below and so let the drain finish early.
+    servers = {"f": {**forking_fault_server(record), "timeout": 3600}, "sdk": {**SDK_SERVER, "timeout": 3600}}
     env = {"SHUTDOWN_GRACE_SECONDS": str(GRACE), "SSE_KEEPALIVE_SECONDS": "1"}
     async with gateway_process(tmp_path, servers, env=env) as gw, aiohttp.ClientSession() as http:
         tree = await process_tree(gw, http)
@@ -63,31 +70,35 @@ async def test_sigterm_closes_streams_kills_every_group_and_exits_0(tmp_path: Pa
         streamable = await Streamable(http, gw.url, gw.token, "/servers/f/mcp").initialize()
         get_stream = await http.get(streamable.url, headers=streamable.headers(Accept="text/event-stream"))
         await next_event(get_stream)  # priming
+        # Two calls that would outlast the test itself, each in flight at its child.
         in_flight = [
-            asyncio.create_task(streamable.post(call("long", "sleep", seconds=60))),
-            asyncio.create_task(legacy.post(call("long-sse", "sleep", seconds=60))),
+            asyncio.create_task(streamable.post(call("long", "sleep", seconds=3600))),
+            asyncio.create_task(
+                legacy.post(call("long-sse", "record_cancel", seconds=3600, path=str(marker)))
+            ),
         ]
-        await asyncio.sleep(0.3)
+        assert await wait_until(lambda: received(record, "sleep") == 1, 30)
+        await wait_for_text(marker, "started")
 
         started = time.monotonic()
         gw.process.send_signal(signal.SIGTERM)
-        code = await gw.wait_exit(GRACE + 10)
+        # Exited, although its calls were not done: the grace ended them (they could not finish).
+        code = await gw.wait_exit(60)
         elapsed = time.monotonic() - started
         print(
             f"[measure] SIGTERM with two calls in flight: exit {code} after {elapsed:.2f} s (grace {GRACE} s)"
         )
         assert code == 0, gw.stderr
-        assert elapsed < GRACE + 5
         # Every exchange with a client ended: none is left hanging on a dead server.
-        await asyncio.wait_for(asyncio.gather(*in_flight, return_exceptions=True), 2)
-        assert await wait_until(legacy.ended.is_set, 2), "the legacy stream was not closed"
+        await asyncio.wait_for(asyncio.gather(*in_flight, return_exceptions=True), 30)
+        assert await wait_until(legacy.ended.is_set, 30), "the legacy stream was not closed"
         with pytest.raises((EOFError, aiohttp.ClientError)):
             while True:
-                await next_event(get_stream, timeout=2)
+                await next_event(get_stream, timeout=30)
         get_stream.close()
         await legacy.close()
     everyone = set().union(*tree.values())
-    assert await wait_until(lambda: not any(alive(pid) for pid in everyone), 3), {
+    assert await wait_until(lambda: not any(alive(pid) for pid in everyone), 30), {
         p for p in everyone if alive(p)
     }
     assert "shutting down" in gw.stderr
@@ -95,51 +106,57 @@ async def test_sigterm_closes_streams_kills_every_group_and_exits_0(tmp_path: Pa
 
 
 async def test_sigterm_lets_in_flight_calls_finish_or_fail_explicitly(tmp_path: Path) -> None:
+    record, gate = tmp_path / "received.jsonl", tmp_path / "gate"
     env = {"SHUTDOWN_GRACE_SECONDS": str(GRACE)}
     async with (
-        gateway_process(tmp_path, {"f": fault_server()}, env=env) as gw,
+        gateway_process(tmp_path, {"f": fault_server(record=record, timeout=3600)}, env=env) as gw,
         aiohttp.ClientSession() as http,
     ):
         await gw.wait_running(http)
         streamable = await Streamable(http, gw.url, gw.token).initialize()
         legacy = await Legacy(http, gw.url, gw.token).open()
-        short = asyncio.create_task(streamable.post(call("short", "sleep", seconds=1)))
-        long = asyncio.create_task(streamable.post(call("long", "sleep", seconds=60)))
-        assert await legacy.post(call("short-sse", "sleep", seconds=1)) == 202
-        assert await legacy.post(call("long-sse", "sleep", seconds=60)) == 202
-        await asyncio.sleep(0.3)
-        started = time.monotonic()
+        # Short calls answer once the test opens the gate; long ones would outlast the test itself.
+        short = asyncio.create_task(streamable.post(call("short", "gate", path=str(gate))))
+        long = asyncio.create_task(streamable.post(call("long", "sleep", seconds=3600)))
+        assert await legacy.post(call("short-sse", "gate", path=str(gate))) == 202
+        assert await legacy.post(call("long-sse", "sleep", seconds=3600)) == 202
+        assert await wait_until(lambda: received(record, "gate") == received(record, "sleep") == 2, 30)
         gw.process.send_signal(signal.SIGTERM)
+        # Draining now: the short calls' answers come during the grace.
+        assert await wait_until(lambda: "shutting down" in gw.stderr, 30), gw.stderr
+        gate.touch()
         (short_status, short_messages), (long_status, long_messages) = await asyncio.wait_for(
-            asyncio.gather(short, long), GRACE + 2
+            asyncio.gather(short, long), 60
         )
         answers = {"short": short_messages, "long": long_messages}
-        assert time.monotonic() - started < GRACE + 2
         assert short_messages and long_messages, (
             f"calls in flight got no answer: {short_status}, {long_status}"
         )
-        # The call that needed 1 s of a 3 s grace finished; the other was told it will not.
-        assert text_result(answers["short"][-1]) == "slept", answers
+        # The call answered within the grace finished; the other was told it will not.
+        assert text_result(answers["short"][-1]) == "opened", answers
         assert "error" in answers["long"][-1], answers
-        assert text_result(await legacy.answer("short-sse", timeout=GRACE)) == "slept"
-        assert "error" in await legacy.answer("long-sse", timeout=GRACE)
+        assert text_result(await legacy.answer("short-sse", timeout=30)) == "opened"
+        assert "error" in await legacy.answer("long-sse", timeout=30)
         await legacy.close()
-        assert await gw.wait_exit(GRACE + 5) == 0
+        assert await gw.wait_exit(60) == 0
 
 
-async def sigkill_and_watch(tmp_path: Path, servers: dict[str, Any]) -> tuple[dict[str, set[int]], set[int]]:
-    """SIGKILL the gateway mid-call; the processes of each backend, and those still alive 5 s later."""
+async def sigkill_and_watch(
+    tmp_path: Path, servers: dict[str, Any], record: Path
+) -> tuple[dict[str, set[int]], set[int]]:
+    """SIGKILL the gateway mid-call (`f` records what it reads in `record`); the processes of
+    each backend, and those still alive 30 s later."""
     async with gateway_process(tmp_path, servers) as gw, aiohttp.ClientSession() as http:
         tree = await process_tree(gw, http)
         client = await Streamable(http, gw.url, gw.token, "/servers/f/mcp").initialize()
         pending = asyncio.create_task(client.post(call("x", "sleep", seconds=60)))
-        await asyncio.sleep(0.2)
+        assert await wait_until(lambda: received(record, "sleep") == 1, 30)  # in flight at the child
         gw.process.kill()
-        assert await gw.wait_exit(5) == -signal.SIGKILL
+        assert await gw.wait_exit(30) == -signal.SIGKILL
         await asyncio.gather(pending, return_exceptions=True)
         everyone = set().union(*tree.values())
         started = time.monotonic()
-        await wait_until(lambda: not any(alive(pid) for pid in everyone), 5)
+        await wait_until(lambda: not any(alive(pid) for pid in everyone), 30)
         survivors = {pid for pid in everyone if alive(pid)}
         print(
             f"[measure] SIGKILL: {len(everyone)} processes; alive after "
@@ -149,7 +166,9 @@ async def sigkill_and_watch(tmp_path: Path, servers: dict[str, Any]) -> tuple[di
 
 
 async def test_sigkill_of_the_gateway_leaves_no_orphan_child(tmp_path: Path) -> None:
-    tree, survivors = await sigkill_and_watch(tmp_path, {"f": fault_server(), "sdk": SDK_SERVER})
+    record = tmp_path / "received.jsonl"
+    servers = {"f": fault_server(record=record), "sdk": SDK_SERVER}
+    tree, survivors = await sigkill_and_watch(tmp_path, servers, record)
     try:
         assert all(len(group) == 1 for group in tree.values()), tree
         assert survivors == set(), "children outlived a SIGKILLed gateway"
@@ -158,7 +177,8 @@ async def test_sigkill_of_the_gateway_leaves_no_orphan_child(tmp_path: Path) -> 
 
 
 async def test_sigkill_of_the_gateway_leaves_no_orphan_grandchild(tmp_path: Path) -> None:
-    tree, survivors = await sigkill_and_watch(tmp_path, {"f": forking_fault_server()})
+    record = tmp_path / "received.jsonl"
+    tree, survivors = await sigkill_and_watch(tmp_path, {"f": forking_fault_server(record)}, record)
     try:
         assert len(tree["f"]) == 2, tree
         assert survivors == set(), f"{len(survivors)} processes outlived a SIGKILLed gateway"
