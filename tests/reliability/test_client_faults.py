@@ -20,7 +20,14 @@ import pytest
 
 from mcp_sse.protocol.session import FINISHED_STREAMS_KEPT
 from mcp_sse.state import BACKENDS, SESSIONS, TASKS
-from tests.conftest import SDK_SERVER, Running, StartGateway, next_event, next_message_with_id
+from tests.conftest import (
+    SDK_SERVER,
+    Running,
+    StartGateway,
+    next_event,
+    next_message_with_id,
+    wait_for_dropped_stream,
+)
 from tests.reliability.harness import (
     GatewayProcess,
     Legacy,
@@ -29,7 +36,6 @@ from tests.reliability.harness import (
     fault_server,
     gateway_process,
     rss_mb,
-    task_count,
     text_result,
     wait_until,
 )
@@ -42,18 +48,23 @@ def recorded(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-async def quiet_baseline(gw: Running) -> int:
-    """The asyncio task count once every backend is up (its child's reader tasks included)."""
-    assert await wait_until(lambda: all(b.state == "running" for b in gw.app[BACKENDS].values()), 15)
-    await asyncio.sleep(0.1)
-    return task_count()
+async def quiet_baseline(gw: Running) -> set[asyncio.Task[Any]]:
+    """The asyncio tasks alive once every backend is up (its child's reader tasks included)."""
+    assert await wait_until(lambda: all(b.state == "running" for b in gw.app[BACKENDS].values()), 30)
+    return asyncio.all_tasks()
+
+
+def tasks_since(baseline: set[asyncio.Task[Any]]) -> set[asyncio.Task[Any]]:
+    """Tasks alive now that were not at the baseline: what the test left behind. A set, not a
+    count, so a start-up task that ends in the meantime cannot hide a leaked one."""
+    return asyncio.all_tasks() - baseline
 
 
 def pending_calls(gw: Running, name: str = "f") -> int:
     return len(gw.app[BACKENDS][name].mux._pending)  # type: ignore[attr-defined]
 
 
-async def settled(gw: Running, name: str = "f", timeout: float = 5.0) -> bool:
+async def settled(gw: Running, name: str = "f", timeout: float = 30.0) -> bool:
     """No session, no spawned task and no call in flight: what a quiet gateway looks like."""
     return await wait_until(
         lambda: len(gw.app[SESSIONS]) == 0 and not gw.app[TASKS] and pending_calls(gw, name) == 0, timeout
@@ -67,20 +78,21 @@ async def settled(gw: Running, name: str = "f", timeout: float = 5.0) -> bool:
 async def test_disconnect_mid_request_2025_the_call_continues_and_its_answer_waits(
     start_gateway: StartGateway, tmp_path: Path, version: str
 ) -> None:
-    record = tmp_path / "received.jsonl"
+    record, gate = tmp_path / "received.jsonl", tmp_path / "gate"
     gw = await start_gateway({"f": fault_server(record=record, timeout=30)})
     baseline_tasks = await quiet_baseline(gw)
     async with aiohttp.ClientSession() as http:
         client = await Streamable(http, gw.url, gw.token).initialize(version)
-        # A plain-JSON answer is on its way when the connection drops.
-        request = asyncio.create_task(client.post(call("late", "sleep", seconds=1.0)))
-        await asyncio.sleep(0.3)
+        # The call is at the child, its plain-JSON answer held back by a gate, when the connection drops.
+        request = asyncio.create_task(client.post(call("late", "gate", path=str(gate))))
+        assert await wait_until(lambda: record.exists() and '"name":"gate"' in record.read_text(), 30)
         request.cancel()
         await asyncio.gather(request, return_exceptions=True)
         session = gw.app[SESSIONS].get(client.session_id)
         assert session is not None and not session.closed
         # The call was not cancelled in the child: it finishes, and the answer is kept.
-        assert await wait_until(lambda: not session.request_streams, 3)
+        gate.touch()
+        assert await wait_until(lambda: not session.request_streams, 30)
         assert not [m for m in recorded(record) if m.get("method") == "notifications/cancelled"]
         # The first request of a session answers on stream 1; resuming it replays the answer.
         async with http.get(
@@ -89,10 +101,10 @@ async def test_disconnect_mid_request_2025_the_call_continues_and_its_answer_wai
             assert resumed.status == 200
             event_id, answer = await next_message_with_id(resumed)
         assert event_id == "1-1"
-        assert answer["id"] == "late" and text_result(answer) == "slept"
+        assert answer["id"] == "late" and text_result(answer) == "opened"
         assert await client.delete() == 204
     assert await settled(gw)
-    assert await wait_until(lambda: task_count() <= baseline_tasks, 3), (task_count(), baseline_tasks)
+    assert await wait_until(lambda: not tasks_since(baseline_tasks), 30), tasks_since(baseline_tasks)
 
 
 @pytest.mark.parametrize("version", ["2025-06-18", "2025-11-25"])
@@ -112,8 +124,9 @@ async def test_disconnect_mid_stream_resume_gets_the_rest_once(
             # 2025-11-25 primes the stream with an empty event; 2025-06-18 starts with progress 1.
             seen = [] if version == "2025-11-25" else [json.loads(first.data)["params"]["progress"]]
             last_id = first.id
-        # The connection is gone; the call goes on.
-        await asyncio.sleep(0.5)
+        # The connection is gone; the call goes on, its events buffered for a resume.
+        assert client.session_id is not None and last_id is not None
+        await wait_for_dropped_stream(gw.app, client.session_id, last_id)
         rest: list[dict[str, Any]] = []
         async with http.get(
             client.url, headers=client.headers(Accept="text/event-stream", **{"Last-Event-ID": last_id})
@@ -136,7 +149,7 @@ async def test_legacy_disconnect_mid_request_cancels_the_call_in_the_child(
     async with aiohttp.ClientSession() as http:
         client = await Legacy(http, gw.url, gw.token).open()
         assert await client.post(call("gone", "sleep", seconds=20)) == 202
-        assert await wait_until(lambda: pending_calls(gw) == 1, 3)
+        assert await wait_until(lambda: pending_calls(gw) == 1, 30)
         await client.close()
         # The session ends, its call is cancelled in the child, and nothing waits on it any more.
         assert await settled(gw)
@@ -145,23 +158,27 @@ async def test_legacy_disconnect_mid_request_cancels_the_call_in_the_child(
     cancelled = [m["params"] for m in recorded(record) if m.get("method") == "notifications/cancelled"]
     assert [c["requestId"] for c in cancelled] == [calls[-1]["id"]]
     assert cancelled[0]["reason"] == "client session ended"
-    assert await wait_until(lambda: task_count() <= baseline_tasks, 3), (task_count(), baseline_tasks)
+    assert await wait_until(lambda: not tasks_since(baseline_tasks), 30), tasks_since(baseline_tasks)
 
 
 async def test_many_abandoned_requests_keep_the_session_bounded(
     start_gateway: StartGateway, tmp_path: Path
 ) -> None:
-    gw = await start_gateway({"f": fault_server(timeout=30)})
+    record = tmp_path / "received.jsonl"
+    gw = await start_gateway({"f": fault_server(record=record, timeout=30)})
     async with aiohttp.ClientSession() as http:
         client = await Streamable(http, gw.url, gw.token).initialize()
         for n in range(60):
             request = asyncio.create_task(client.post(call(n, "sleep", seconds=0.2)))
-            await asyncio.sleep(0.01)
+            # Abandoned once the child has it: the call goes on without its connection.
+            assert await wait_until(
+                lambda n=n: record.read_text().count('"name":"sleep"') == n + 1, 30, 0.005
+            )
             request.cancel()
         await asyncio.gather(request, return_exceptions=True)
         session = gw.app[SESSIONS].get(client.session_id)
         assert session is not None
-        assert await wait_until(lambda: not session.request_streams and not gw.app[TASKS], 5)
+        assert await wait_until(lambda: not session.request_streams and not gw.app[TASKS], 30)
         # Finished streams stay replayable, but only the newest few (pruned when the next one opens).
         assert text_result(await client.request(call("alive", "echo", text="yes"))) == "yes"
         assert len(session.streams) <= FINISHED_STREAMS_KEPT + 1
@@ -235,10 +252,10 @@ async def test_slow_reader_is_cut_off_without_a_silent_gap_and_memory_stays_flat
         ) as resumed:
             with pytest.raises(EOFError):
                 while True:
-                    event = await next_event(resumed, timeout=5)
+                    event = await next_event(resumed, timeout=30)
                     assert not event.data, f"a resume past lost events delivered {event}"
         # The legacy stream (no resume possible) fell behind too and was ended with its session.
-        assert await wait_until(legacy.ended.is_set, 10)
+        assert await wait_until(legacy.ended.is_set, 30)
         assert await legacy.post(call("x", "echo", text="x")) == 404
         legacy_seen = [m["params"]["n"] for m in legacy.notifications]
         assert legacy_seen[:50] == list(range(50))
@@ -287,7 +304,7 @@ async def test_a_new_get_stream_works_after_events_were_lost(start_gateway: Star
             await flood(client, 3, 50)  # new events, told apart by their padding
             replayed, new = [], []
             while len(new) < 3:
-                _, message = await next_message_with_id(fresh, timeout=5)
+                _, message = await next_message_with_id(fresh, timeout=30)
                 params = message["params"]
                 (new if len(params["pad"]) == 50 else replayed).append(params["n"])
         # What was still buffered, without a hole, then what happened since.
@@ -311,7 +328,7 @@ async def stall_and_flood(gw: Running, http: aiohttp.ClientSession) -> tuple[Any
     session = gw.app[SESSIONS].get(client.session_id)
     assert session is not None
     sock = stalled_get(gw, "/mcp", client.headers(Accept="text/event-stream"))
-    assert await wait_until(lambda: session.standalone.reader is not None, 3)
+    assert await wait_until(lambda: session.standalone.reader is not None, 30)
     await flood(client, 50, 100)
     before = rss_mb()
     await flood(client)
@@ -350,7 +367,7 @@ async def test_reader_that_never_drains_is_cut_off(start_gateway: StartGateway) 
         stream, sock, _ = await stall_and_flood(gw, http)
         try:
             started = time.monotonic()
-            assert await wait_until(lambda: stream.reader is None, 5), "the stalled stream was never closed"
+            assert await wait_until(lambda: stream.reader is None, 30), "the stalled stream was never closed"
             print(f"[measure] stalled reader cut off {time.monotonic() - started:.2f} s after the flood")
             # Its only stream slot is free again: another stream for the same key is allowed.
             other = await Legacy(http, gw.url, gw.token).open(version=None)
@@ -377,9 +394,9 @@ async def test_half_closed_stream_ends_its_session(start_gateway: StartGateway, 
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
         streams = lambda: sum(s.standalone.reader is not None for s in gw.app[SESSIONS].all())  # noqa: E731
-        assert await wait_until(lambda: streams() == 1, 3)
+        assert await wait_until(lambda: streams() == 1, 30)
         writer.write_eof()  # FIN from the client: it will never send again
-        assert await wait_until(lambda: streams() == 0, 3), "a half-closed stream was kept open"
+        assert await wait_until(lambda: streams() == 0, 30), "a half-closed stream was kept open"
         if transport == "sse":
             assert len(gw.app[SESSIONS]) == 0
         writer.close()
