@@ -235,6 +235,11 @@ class Browser:
 
     async def approve(self, params: dict[str, str], key: str, decision: str = "approve") -> dict[str, str]:
         """The whole browser part: sign in (if needed), approve; the redirect's query parameters."""
+        return query_of(await self.redirect(params, key, decision))
+
+    async def redirect(self, params: dict[str, str], key: str, decision: str = "approve") -> str:
+        """Sign in (if needed) and decide on the consent page; where it sends the browser (the
+        client's redirect_uri with the code or the error), not followed."""
         consent = await self.authorize(params)
         if 'name="key"' in await consent.text():
             consent = await self.sign_in(params, key)
@@ -249,7 +254,7 @@ class Browser:
         target = params.get("redirect_uri", "")
         if target and not location.startswith(target):
             raise AssertionError(f"redirected to {location}, not to {target}")
-        return query_of(location)
+        return location
 
 
 async def register(

@@ -54,33 +54,34 @@ class Clock:
         self.mono += seconds
 
 
-def node_or_skip() -> str:
+def node_or_skip(needed_by: str = "the real identity provider (oidc-provider, tests/oauth/idp)") -> str:
     node = shutil.which("node")
     if node is None:
-        pytest.skip(
-            "node is not installed: the real identity provider (oidc-provider, tests/oauth/idp) needs it"
-        )
+        pytest.skip(f"node is not installed: {needed_by} needs it")
     return node
 
 
-def ensure_installed() -> None:
-    """Install the pinned oidc-provider from the lock file when it is missing (a fresh CI machine)."""
-    installed = IDP_DIR / "node_modules" / "oidc-provider" / "package.json"
-    if installed.exists() and json.loads(installed.read_text())["version"] == OIDC_PROVIDER_VERSION:
+def ensure_installed(
+    directory: Path = IDP_DIR, package: str = "oidc-provider", version: str = OIDC_PROVIDER_VERSION
+) -> None:
+    """Install `directory`'s pinned npm packages from its lock file when `package` at `version` is
+    missing there (a fresh CI machine)."""
+    installed = directory / "node_modules" / package / "package.json"
+    if installed.exists() and json.loads(installed.read_text())["version"] == version:
         return
     npm = shutil.which("npm")
     if npm is None:
-        raise AssertionError(f"node is here but npm is not: cannot install oidc-provider in {IDP_DIR}")
+        raise AssertionError(f"node is here but npm is not: cannot install {package} in {directory}")
     result = subprocess.run(
         [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=IDP_DIR,
+        cwd=directory,
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
     )
     if result.returncode != 0:
-        raise AssertionError(f"npm ci in {IDP_DIR} failed:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(f"npm ci in {directory} failed:\n{result.stdout}\n{result.stderr}")
 
 
 @dataclass
