@@ -1,0 +1,229 @@
+"""A real third-party client against the built-in authorization server: mcp-remote (npm, pinned in
+tests/oauth/clients) given the gateway's /mcp URL and no --header. It finds the authorization
+server itself (the 401's RFC 9728 challenge, the metadata documents), registers dynamically, opens
+the authorization URL in BROWSER -- tests/oauth/mcp_remote_browser.py, which signs in with the
+key and approves on the consent page over HTTP as a person's browser would, then follows the
+redirect to mcp-remote's loopback callback -- exchanges the code, and then proxies MCP over its
+stdio. A real gateway process (server_secure.py configured by environment); everything on
+127.0.0.1; mcp-remote's state in tmp_path, never in ~/.mcp-auth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import unused_port
+from cryptography.fernet import Fernet
+
+from tests.conftest import Launched, launch
+
+from .helpers import ensure_installed, node_or_skip
+
+REPO = Path(__file__).resolve().parents[2]
+CLIENTS_DIR = Path(__file__).parent / "clients"
+MCP_REMOTE_VERSION = "0.15.1"  # the pin in clients/package.json
+BROWSER_SCRIPT = Path(__file__).parent / "mcp_remote_browser.py"
+WAIT = 90  # seconds: the whole flow, npx's start included, on a slow CI machine
+
+
+@pytest.fixture
+async def npx() -> str:
+    node_or_skip(f"mcp-remote {MCP_REMOTE_VERSION} (tests/oauth/clients)")
+    await asyncio.to_thread(ensure_installed, CLIENTS_DIR, "mcp-remote", MCP_REMOTE_VERSION)
+    found = shutil.which("npx")
+    if found is None:
+        raise AssertionError("node is here but npx is not: cannot run mcp-remote")
+    return found
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[tuple[Launched, str]]:
+    """server_secure.py with the built-in authorization server, configured by environment only."""
+    port = unused_port()
+    admin = "mcp_" + secrets.token_urlsafe(32)
+    env = {
+        **{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")},
+        "AUTH_TOKEN": admin,
+        "SESSION_SECRET": Fernet.generate_key().decode(),
+        "AUDIT_LOG": str(tmp_path / "audit.log"),
+        "OAUTH_SERVER": "true",
+        "PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "STATE_DIR": str(tmp_path / "state"),
+    }
+    argv = [sys.executable, str(REPO / "server_secure.py"), "--port", str(port), "--env-file", os.devnull]
+    running = await launch(argv, env=env, cwd=tmp_path)
+    try:
+        yield running, admin
+    finally:
+        code = await running.stop()
+        assert code == 0, running.stderr
+
+
+@dataclass
+class Stdio:
+    """mcp-remote's stdio: newline-delimited JSON-RPC in and out; its stderr kept for failures."""
+
+    process: asyncio.subprocess.Process
+    stderr: list[str] = field(default_factory=list)
+    notes: list[dict[str, Any]] = field(default_factory=list)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(message).encode() + b"\n")
+        await self.process.stdin.drain()
+
+    async def request(self, request_id: int, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Send a request; the response with its id (notifications and requests in between kept)."""
+        await self.send({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+        assert self.process.stdout is not None
+        while True:
+            raw = await self.process.stdout.readline()
+            if not raw:
+                raise AssertionError(
+                    f"mcp-remote closed its stdout (exit {self.process.returncode}) before answering "
+                    f"{method}:\n" + "\n".join(self.stderr)
+                )
+            message: dict[str, Any] = json.loads(raw)
+            if message.get("id") == request_id and "method" not in message:
+                return message
+            self.notes.append(message)
+
+
+@asynccontextmanager
+async def mcp_remote(npx: str, argv: list[str], env: dict[str, str]) -> AsyncIterator[Stdio]:
+    process = await asyncio.create_subprocess_exec(
+        npx,
+        "--no",  # never fetch: run the mcp-remote that clients/package-lock.json pins
+        "mcp-remote",
+        *argv,
+        cwd=CLIENTS_DIR,
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own process group: npx, node, xdg-open and our browser
+    )
+    stdio = Stdio(process)
+
+    async def drain() -> None:
+        assert process.stderr is not None
+        while raw := await process.stderr.readline():
+            stdio.stderr.append(raw.decode(errors="replace").rstrip("\n"))
+
+    reader = asyncio.create_task(drain())
+    try:
+        yield stdio
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            async with asyncio.timeout(15):
+                await process.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # anything of the group still left
+        async with asyncio.timeout(15):
+            await reader
+
+
+async def test_mcp_remote_signs_in_through_the_built_in_server_and_proxies_mcp(
+    npx: str, gateway: tuple[Launched, str], tmp_path: Path
+) -> None:
+    server, admin = gateway
+    url = server.url
+    assert url.startswith("http://127.0.0.1:")
+    callback_port = unused_port()
+    config_dir = tmp_path / "mcp-auth"
+    browser_log = tmp_path / "browser.jsonl"
+    browser = tmp_path / "browser"  # xdg-open runs `$BROWSER <url>`: one word, so a wrapper
+    browser.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{BROWSER_SCRIPT}" "$@"\n')
+    browser.chmod(0o700)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),  # and no DISPLAY, no XDG_CURRENT_DESKTOP: xdg-open's generic path, $BROWSER
+        "BROWSER": str(browser),
+        "MCP_REMOTE_CONFIG_DIR": str(config_dir),
+        "MCP_SSE_SIGN_IN_KEY": admin,
+        "MCP_SSE_PUBLIC_URL": url,
+        "MCP_SSE_BROWSER_LOG": str(browser_log),
+    }
+    argv = [f"{url}/mcp", str(callback_port), "--allow-http", "--host", "127.0.0.1", "--debug"]
+
+    def story(stdio: Stdio) -> str:
+        debug = "\n".join(p.read_text() for p in config_dir.rglob("*_debug.log"))
+        opened = browser_log.read_text() if browser_log.exists() else "(the browser never ran)"
+        return (
+            "mcp-remote stderr:\n"
+            + "\n".join(stdio.stderr)
+            + "\n\nbrowser:\n"
+            + opened
+            + "\n\ndebug log:\n"
+            + debug[-6000:]
+            + "\n\ngateway stderr:\n"
+            + server.stderr[-4000:]
+        )
+
+    async with mcp_remote(npx, argv, env) as stdio:
+        try:
+            async with asyncio.timeout(WAIT):
+                init = await stdio.request(
+                    1,
+                    "initialize",
+                    {
+                        "protocolVersion": "2025-11-25",
+                        "capabilities": {},
+                        "clientInfo": {"name": "mcp-remote test", "version": "0"},
+                    },
+                )
+                assert "result" in init, init
+                await stdio.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+                listed = await stdio.request(2, "tools/list", {})
+                names = [tool["name"] for tool in listed["result"]["tools"]]
+                assert "echo" in names, listed
+                called = await stdio.request(
+                    3, "tools/call", {"name": "echo", "arguments": {"text": "hello"}}
+                )
+                assert called["result"]["content"][0]["text"] == "hello", called
+        except BaseException as error:
+            raise AssertionError(f"{error!r}\n\n{story(stdio)}") from error
+
+    # The browser was opened once, on our authorization endpoint, and mcp-remote's callback took it.
+    opened = [json.loads(line) for line in browser_log.read_text().splitlines()]
+    assert len(opened) == 1, opened
+    assert opened[0]["callback_status"] == 200, opened
+    assert opened[0]["redirect_uri"] == f"http://127.0.0.1:{callback_port}/oauth/callback"
+    assert opened[0]["resource"] == f"{url}/mcp"
+
+    # Its state stayed in tmp_path; the tokens it holds are the gateway's, and never in the audit log.
+    (tokens_file,) = config_dir.rglob("*_tokens.json")
+    tokens = json.loads(tokens_file.read_text())
+    assert tokens["token_type"].lower() == "bearer"
+    assert not (home / ".mcp-auth").exists()
+    audit = (tmp_path / "audit.log").read_text()
+    lines = [json.loads(line) for line in audit.splitlines() if line.strip()]
+    events = {line["event"] for line in lines}
+    assert {"oauth.register", "oauth.authorize", "oauth.token"} <= events, events
+    # ... and the call was made as the OAuth identity the token carries, not with the key.
+    (invoked,) = [line for line in lines if line["event"] == "tool.invoked"]
+    assert invoked["identity"].startswith("oauth-"), invoked
+    for secret in (tokens["access_token"], tokens.get("refresh_token"), admin):
+        if secret:
+            assert secret not in audit
