@@ -44,7 +44,7 @@ from .security.ratelimit import (
     ip_rate_limit_middleware,
 )
 from .security.request_id import install_request_id, request_id_middleware
-from .settings import GATEWAY_SECRETS, Settings, is_loopback, read_env_file
+from .settings import GATEWAY_SECRETS, Settings, SettingsError, is_loopback, read_env_file
 from .state import (
     AUDIT,
     BACKENDS,
@@ -306,6 +306,10 @@ class _OAuthWiring:
         issuers: list[str] = []
         if settings.oauth_server:
             state_dir = settings.state_dir
+            try:
+                signing_key = SigningKey.load_or_create(state_dir)
+            except (OSError, ValueError) as exc:  # unreadable, not a key, or readable by others
+                raise SettingsError(f"STATE_DIR={state_dir}: {exc}") from None
             self.server = OAuthServer(
                 issuer=public,
                 resource_urls=[public + path for path in resources],
@@ -313,7 +317,7 @@ class _OAuthWiring:
                 logins=logins,
                 store=SQLiteStore(state_dir / "oauth.sqlite3"),
                 audit=audit,
-                signing_key=SigningKey.load_or_create(state_dir),
+                signing_key=signing_key,
                 token_ttl=settings.oauth_token_ttl,
                 refresh_ttl=settings.oauth_refresh_ttl,
                 backends=lambda: tuple(backends),

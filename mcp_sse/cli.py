@@ -102,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(serve(settings, _env_file(args.env_file)))
+    except SettingsError as exc:  # found while building the app (the OAuth state directory)
+        print(f"mcp-sse: {exc}", file=sys.stderr)
+        return 2
     except (ConfigError, OSError) as exc:
         print(f"mcp-sse: {exc}", file=sys.stderr)
         return 1

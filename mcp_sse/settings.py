@@ -295,6 +295,13 @@ class Settings:
                 _issuer_url(issuer)
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
+        if self.oauth_redirect_uris:
+            from .oauth.clients import RedirectPolicy  # here: settings.py imports nothing else of ours
+
+            try:
+                RedirectPolicy(self.oauth_redirect_uris)
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None  # names OAUTH_REDIRECT_URIS and the entry
         if self.oauth_refresh_ttl < self.oauth_token_ttl:
             raise SettingsError(
                 f"OAUTH_REFRESH_TTL_SECONDS={self.oauth_refresh_ttl:g} must be at least "

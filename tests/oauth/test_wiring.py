@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import secrets
+import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -43,11 +48,12 @@ from mcp_sse.security.errors import REALM
 from mcp_sse.security.keys import digest
 from mcp_sse.settings import Secret, Settings, SettingsError
 from mcp_sse.state import SESSIONS
-from tests.conftest import init_message, text_of
+from tests.conftest import init_message, launch, text_of
 
 from .as_helpers import LOOPBACK_CALLBACK, Browser, form_of, pkce, register, token
 from .conftest import FakeIssuer
 
+REPO = Path(__file__).resolve().parents[2]
 BACKEND = "mcp-sse"  # the embedded default toolset's name: /servers/mcp-sse/...
 MCP_ROUTES = ("/mcp", "/sse", f"/servers/{BACKEND}/mcp", f"/servers/{BACKEND}/sse")
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
@@ -134,7 +140,13 @@ class MemoryStorage:
 
 @asynccontextmanager
 async def oauth_client(
-    url: str, key: str, *, path: str = "/mcp", storage: MemoryStorage | None = None
+    url: str,
+    key: str,
+    *,
+    path: str = "/mcp",
+    storage: MemoryStorage | None = None,
+    providers: list[OAuthClientProvider] | None = None,
+    mode: str = "auto",
 ) -> AsyncIterator[Client]:
     """The SDK client with OAuthClientProvider: its redirect handler is a browser that opens the
     authorization URL, signs in with `key`, approves on the consent page and reads the code off
@@ -166,14 +178,16 @@ async def oauth_client(
         redirect_handler=redirect_handler,
         callback_handler=callback_handler,
     )
+    if providers is not None:
+        providers.append(provider)
     try:
         if path.endswith("/sse"):
-            async with Client(sse_client(url + path, auth=provider, timeout=30)) as client:
+            async with Client(sse_client(url + path, auth=provider, timeout=30), mode=mode) as client:
                 yield client
         else:
             async with (
                 httpx2.AsyncClient(auth=provider, timeout=30) as http,
-                Client(streamable_http_client(url + path, http_client=http)) as client,
+                Client(streamable_http_client(url + path, http_client=http), mode=mode) as client,
             ):
                 yield client
     finally:
@@ -221,13 +235,14 @@ def assert_no_secret_logged(gw: Gateway, caplog: pytest.LogCaptureFixture, *secr
 # -- the built-in authorization server --------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", ["legacy", "auto"])  # 2025-11-25 with a session; 2026-07-28 without
 async def test_sdk_oauth_flow_then_tools_over_streamable_http(
-    start_oauth: StartOAuth, caplog: pytest.LogCaptureFixture
+    start_oauth: StartOAuth, caplog: pytest.LogCaptureFixture, mode: str
 ) -> None:
     caplog.set_level(logging.DEBUG)
     gw = await start_oauth(oauth_server=True)
     storage = MemoryStorage()
-    async with oauth_client(gw.url, gw.operator, storage=storage) as client:
+    async with oauth_client(gw.url, gw.operator, storage=storage, mode=mode) as client:
         names = {t.name for t in (await client.list_tools()).tools}
         assert {"echo", "server_time"} <= names
         assert text_of(await client.call_tool("echo", {"text": "through oauth"})) == "through oauth"
@@ -239,6 +254,8 @@ async def test_sdk_oauth_flow_then_tools_over_streamable_http(
     assert successes[0]["identity"].startswith("oauth-")
     invoked = gw.audit("tool.invoked")
     assert invoked and invoked[-1]["identity"] == successes[0]["identity"]
+    # Both eras really ran: a 2025 session was opened only in legacy mode.
+    assert bool(gw.audit("mcp.session.open")) == (mode == "legacy")
     assert_no_secret_logged(
         gw, caplog, storage.tokens.access_token, storage.tokens.refresh_token or "-", gw.operator
     )
@@ -248,6 +265,25 @@ async def test_sdk_oauth_flow_over_legacy_sse(start_oauth: StartOAuth) -> None:
     gw = await start_oauth(oauth_server=True)
     async with oauth_client(gw.url, gw.operator, path=f"/servers/{BACKEND}/sse") as client:
         assert text_of(await client.call_tool("echo", {"text": "sse"})) == "sse"
+
+
+async def test_the_sdk_refreshes_through_the_gateway_and_its_session_goes_on(start_oauth: StartOAuth) -> None:
+    gw = await start_oauth(oauth_server=True)
+    storage = MemoryStorage()
+    providers: list[OAuthClientProvider] = []
+    async with oauth_client(
+        gw.url, gw.operator, storage=storage, providers=providers, mode="legacy"
+    ) as client:
+        assert text_of(await client.call_tool("echo", {"text": "one"})) == "one"
+        assert storage.tokens is not None
+        first = storage.tokens.access_token
+        providers[0].context.token_expiry_time = 1.0  # long past on the client's clock (0 reads as "none")
+        assert text_of(await client.call_tool("echo", {"text": "two"})) == "two"
+        assert storage.tokens.access_token != first
+    issued = [e["grant_type"] for e in gw.audit("oauth.token") if e["outcome"] == "issued"]
+    assert issued == ["authorization_code", "refresh_token"]
+    # One MCP session throughout: the refreshed token is the same caller.
+    assert len(gw.audit("mcp.session.open")) == 1
 
 
 async def test_a_viewer_token_lists_tools_but_cannot_call_them(start_oauth: StartOAuth) -> None:
@@ -444,6 +480,60 @@ async def test_prm_documents_still_pass_the_ip_allowlist(start_oauth: StartOAuth
         assert response.status == 403
 
 
+async def test_a_real_process_with_oauth_keeps_its_grants_across_a_restart(tmp_path: Path) -> None:
+    """server_secure.py configured by environment only: the flow, then a restart on the same
+    STATE_DIR, where the token issued before still works (signing key and grant persisted, 0600)."""
+    port = unused_port()
+    admin = "mcp_" + secrets.token_urlsafe(32)
+    env = {
+        **{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")},
+        "AUTH_TOKEN": admin,
+        "SESSION_SECRET": Fernet.generate_key().decode(),
+        "AUDIT_LOG": str(tmp_path / "audit.log"),
+        "OAUTH_SERVER": "true",
+        "PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "STATE_DIR": str(tmp_path / "state"),
+    }
+    argv = [sys.executable, str(REPO / "server_secure.py"), "--port", str(port), "--env-file", os.devnull]
+    storage = MemoryStorage()
+    first = await launch(argv, env=env, cwd=tmp_path)
+    try:
+        async with oauth_client(first.url, admin, storage=storage) as client:
+            assert text_of(await client.call_tool("echo", {"text": "first run"})) == "first run"
+    finally:
+        assert await first.stop() == 0
+    assert storage.tokens is not None
+    assert storage.tokens.scope == "mcp:admin"
+    for name in ("oauth-signing-key.pem", "oauth.sqlite3"):
+        assert stat.S_IMODE((tmp_path / "state" / name).stat().st_mode) == 0o600, name
+    second = await launch(argv, env=env, cwd=tmp_path)
+    try:
+        async with bearer_client(second.url, storage.tokens.access_token) as client:
+            assert text_of(await client.call_tool("echo", {"text": "second run"})) == "second run"
+    finally:
+        assert await second.stop() == 0
+    audit = (tmp_path / "audit.log").read_text()
+    assert storage.tokens.access_token not in audit and admin not in audit
+
+
+async def test_a_signing_key_others_can_read_stops_the_start_with_a_clear_message(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "oauth-signing-key.pem").write_text("not a key")
+    (state / "oauth-signing-key.pem").chmod(0o644)
+    env = {
+        "PATH": os.environ["PATH"],
+        "AUDIT_LOG": str(tmp_path / "audit.log"),
+        "OAUTH_SERVER": "true",
+        "STATE_DIR": str(state),
+    }
+    argv = [sys.executable, str(REPO / "server_secure.py"), "--port", "3999", "--env-file", os.devnull]
+    done = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "STATE_DIR=" in done.stderr and "readable by others" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 # -- an external issuer --------------------------------------------------------------------------------
 
 
@@ -490,6 +580,22 @@ async def test_external_issuer_tokens_by_resource_and_scope(
     assert_no_secret_logged(gw, caplog, operator, viewer)
 
 
+async def test_the_built_in_server_and_an_external_issuer_together(
+    start_oauth: StartOAuth, fake_issuer: FakeIssuer
+) -> None:
+    gw = await start_oauth(oauth_server=True, oauth_issuers=(fake_issuer.url,))
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(gw.url + "/.well-known/oauth-protected-resource/mcp") as r,
+    ):
+        assert (await r.json())["authorization_servers"] == [gw.url, fake_issuer.url]
+    async with oauth_client(gw.url, gw.operator) as client:
+        assert text_of(await client.call_tool("echo", {"text": "own"})) == "own"
+    external = fake_issuer.key.sign(fake_issuer.claims(aud=gw.url + "/mcp", scope="mcp:operator"))
+    async with bearer_client(gw.url, external) as client:
+        assert text_of(await client.call_tool("echo", {"text": "external"})) == "external"
+
+
 # -- OAuth off -----------------------------------------------------------------------------------------
 
 
@@ -526,6 +632,8 @@ def test_oauth_settings_are_checked_and_named() -> None:
             Settings.load(environ={"PUBLIC_URL": bad})
     with pytest.raises(SettingsError, match="OAUTH_ISSUERS"):
         Settings.load(environ={"OAUTH_ISSUERS": "http://idp.example"})
+    with pytest.raises(SettingsError, match=re.escape("OAUTH_REDIRECT_URIS: 'https://evil.example/*'")):
+        Settings.load(environ={"OAUTH_REDIRECT_URIS": "https://app.example/cb,https://evil.example/*"})
     with pytest.raises(SettingsError, match="OAUTH_REFRESH_TTL_SECONDS"):
         Settings(oauth_token_ttl=100, oauth_refresh_ttl=10)
     loaded = Settings.load(
