@@ -235,15 +235,23 @@ def reload_keys(app: web.Application) -> None:
         app[AUDIT].event("keys.reload", None, outcome="failed", error=str(exc))
         log.error("keys not reloaded, the old ones stay in force: %s", exc)
         return
-    ended = end_identities(app, removed)
+    # A key reloaded with an expiry already past ends now too, not at the reaper's next turn.
+    ended = end_identities(app, removed | _gone_identities(app))
     app[AUDIT].event(
         "keys.reload",
         None,
         outcome="ok",
-        keys=len(app[KEYS].by_id),
+        loaded=len(app[KEYS].by_id),  # not "keys": the audit log masks fields named like secrets
         removed=", ".join(sorted(removed)),
         sessions_closed=ended,
     )
+
+
+def _gone_identities(app: web.Application) -> set[str]:
+    """Identities of open sessions whose key (or token) is no longer in force: revoked or expired."""
+    return {
+        s.identity for s in app[SESSIONS].all() if s.identity and app[PRINCIPALS].current(s.identity) is None
+    }
 
 
 def revive_backends(app: web.Application) -> int:
@@ -388,13 +396,11 @@ async def _reaper(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(REAP_INTERVAL)
             if expired := app[SESSIONS].expire_idle():
                 log.info("closed %d idle sessions", expired)
-            gone = {
-                s.identity
-                for s in app[SESSIONS].all()
-                if s.identity and app[PRINCIPALS].current(s.identity) is None
-            }
+            gone = _gone_identities(app)
             if gone and (ended := end_identities(app, gone)):
-                app[AUDIT].event("session.expired", None, keys=", ".join(sorted(gone)), sessions_closed=ended)
+                app[AUDIT].event(
+                    "session.expired", None, key_ids=", ".join(sorted(gone)), sessions_closed=ended
+                )
             if (logins := app[LOGINS]) is not None:
                 logins.prune()
 

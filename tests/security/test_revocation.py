@@ -8,6 +8,7 @@ same: each must end when the key does, at once on a reload, when the reaper sees
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +87,10 @@ async def test_reload_ends_a_revoked_keys_listen_streams_and_parked_calls_at_onc
     assert reloads[-1]["sessions_closed"] == 2
 
 
-async def test_an_expired_keys_listen_stream_ends_at_the_reaper(
+async def test_a_key_reloaded_past_its_expiry_ends_its_listen_stream_at_once(
     start_gateway: StartGateway, http: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(app_module, "REAP_INTERVAL", 0.05)
+    monkeypatch.setattr(app_module, "REAP_INTERVAL", 1e6)  # only the reload itself can end it
     secret, entry = new_key("expiring")
     keys = tmp_path / "keys.json"
     write_keys(keys, entry)
@@ -98,9 +99,28 @@ async def test_an_expired_keys_listen_stream_ends_at_the_reaper(
         gw.url + "/mcp", json=LISTEN, headers=modern_headers(secret, "subscriptions/listen")
     ) as s:
         assert (await next_message(s))["method"] == ACK
-        # Still in the file, but past its expiry: no reload removes it, the reaper finds it expired.
+        # Still in the file, but past its expiry: no key was removed, yet it is no longer in force.
         write_keys(keys, {**entry, "expires": "2000-01-01T00:00:00Z"})
         reload_keys(gw.app)
         await until_eof(s)
+    reloads = [line for line in audit_lines(tmp_path / "audit.log") if line["event"] == "keys.reload"]
+    assert reloads[-1]["sessions_closed"] == 1 and reloads[-1]["loaded"] >= 1
+
+
+async def test_a_key_that_expires_while_loaded_has_its_listen_stream_ended_by_the_reaper(
+    start_gateway: StartGateway, http: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app_module, "REAP_INTERVAL", 0.05)
+    secret, entry = new_key("expiring")
+    keys = tmp_path / "keys.json"
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)
+    write_keys(keys, {**entry, "expires": soon.strftime("%Y-%m-%dT%H:%M:%SZ")})
+    gw = await start_gateway({"raw": RAW_SERVER}, keys_file=keys)
+    async with http.post(
+        gw.url + "/mcp", json=LISTEN, headers=modern_headers(secret, "subscriptions/listen")
+    ) as s:
+        assert (await next_message(s))["method"] == ACK
+        await until_eof(s)  # no reload: the reaper finds the key expired
     expired = [line for line in audit_lines(tmp_path / "audit.log") if line["event"] == "session.expired"]
     assert [line["sessions_closed"] for line in expired] == [1]
+    assert entry["id"] in expired[0]["key_ids"]  # named, not masked as a secret
