@@ -4,8 +4,10 @@ server itself (the 401's RFC 9728 challenge, the metadata documents), registers 
 the authorization URL in BROWSER -- tests/oauth/mcp_remote_browser.py, which signs in with the
 key and approves on the consent page over HTTP as a person's browser would, then follows the
 redirect to mcp-remote's loopback callback -- exchanges the code, and then proxies MCP over its
-stdio. A real gateway process (server_secure.py configured by environment); everything on
-127.0.0.1; mcp-remote's state in tmp_path, never in ~/.mcp-auth.
+stdio. Then a second real client, the MCP Inspector's CLI, lists the tools with the access token
+mcp-remote obtained in --header. A real gateway process (server_secure.py configured by
+environment); everything on 127.0.0.1; the clients' state in tmp_path, never in ~/.mcp-auth or
+~/.mcp-inspector. (The Inspector 2.12.0 declares node >= 22.19; it runs on node 20 here.)
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from .helpers import ensure_installed, node_or_skip
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENTS_DIR = Path(__file__).parent / "clients"
-MCP_REMOTE_VERSION = "0.15.1"  # the pin in clients/package.json
+MCP_REMOTE_VERSION = "0.15.1"  # the pins in clients/package.json
+INSPECTOR_VERSION = "2.12.0"
 BROWSER_SCRIPT = Path(__file__).parent / "mcp_remote_browser.py"
 WAIT = 90  # seconds: the whole flow, npx's start included, on a slow CI machine
 
@@ -43,6 +46,9 @@ WAIT = 90  # seconds: the whole flow, npx's start included, on a slow CI machine
 async def npx() -> str:
     node_or_skip(f"mcp-remote {MCP_REMOTE_VERSION} (tests/oauth/clients)")
     await asyncio.to_thread(ensure_installed, CLIENTS_DIR, "mcp-remote", MCP_REMOTE_VERSION)
+    await asyncio.to_thread(
+        ensure_installed, CLIENTS_DIR, "@modelcontextprotocol/inspector", INSPECTOR_VERSION
+    )
     found = shutil.which("npx")
     if found is None:
         raise AssertionError("node is here but npx is not: cannot run mcp-remote")
@@ -212,18 +218,80 @@ async def test_mcp_remote_signs_in_through_the_built_in_server_and_proxies_mcp(
     assert opened[0]["redirect_uri"] == f"http://127.0.0.1:{callback_port}/oauth/callback"
     assert opened[0]["resource"] == f"{url}/mcp"
 
-    # Its state stayed in tmp_path; the tokens it holds are the gateway's, and never in the audit log.
+    # Its state stayed in tmp_path; the tokens it holds are the gateway's.
     (tokens_file,) = config_dir.rglob("*_tokens.json")
     tokens = json.loads(tokens_file.read_text())
     assert tokens["token_type"].lower() == "bearer"
     assert not (home / ".mcp-auth").exists()
-    audit = (tmp_path / "audit.log").read_text()
-    lines = [json.loads(line) for line in audit.splitlines() if line.strip()]
-    events = {line["event"] for line in lines}
-    assert {"oauth.register", "oauth.authorize", "oauth.token"} <= events, events
+    audit = Audit(tmp_path / "audit.log")
+    assert {"oauth.register", "oauth.authorize", "oauth.token"} <= audit.events(), audit.events()
     # ... and the call was made as the OAuth identity the token carries, not with the key.
-    (invoked,) = [line for line in lines if line["event"] == "tool.invoked"]
+    (invoked,) = audit.lines("tool.invoked")
     assert invoked["identity"].startswith("oauth-"), invoked
+    identity = invoked["identity"]
+
+    # Another real client with the token mcp-remote obtained: the MCP Inspector's CLI.
+    listed_again = await inspector_tools_list(npx, f"{url}/mcp", tokens["access_token"], home, tmp_path)
+    assert "echo" in [tool["name"] for tool in listed_again["result"]["tools"]], listed_again
+    audit = Audit(tmp_path / "audit.log")
+    sessions = {line["client"]: line["identity"] for line in audit.lines("mcp.session.open")}
+    assert sessions.get("inspector-cli") == identity, sessions  # its session: the same grant's identity
+    assert len(audit.lines("oauth.register")) == len(audit.lines("oauth.token")) == 1  # no flow of its own
+
+    # No token and no key in the audit log.
     for secret in (tokens["access_token"], tokens.get("refresh_token"), admin):
         if secret:
-            assert secret not in audit
+            assert secret not in audit.text
+
+
+class Audit:
+    def __init__(self, path: Path) -> None:
+        self.text = path.read_text()
+        self.all = [json.loads(line) for line in self.text.splitlines() if line.strip()]
+
+    def events(self) -> set[str]:
+        return {line["event"] for line in self.all}
+
+    def lines(self, event: str) -> list[dict[str, Any]]:
+        return [line for line in self.all if line["event"] == event]
+
+
+async def inspector_tools_list(npx: str, url: str, token: str, home: Path, tmp_path: Path) -> dict[str, Any]:
+    """`mcp-inspector --cli <url> --method tools/list` with the token in --header and its own
+    OAuth kept off (--stored-auth-only); its catalog, config and secrets under tmp_path."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "MCP_CATALOG_PATH": str(tmp_path / "inspector" / "mcp.json"),
+        "MCP_CLIENT_CONFIG_PATH": str(tmp_path / "inspector" / "client.json"),
+    }
+    argv = [url, "--transport", "http", "--header", f"Authorization: Bearer {token}", "--stored-auth-only"]
+    process = await asyncio.create_subprocess_exec(
+        npx,
+        "--no",
+        "--",  # else npx takes --cli and --help as its own
+        "mcp-inspector",
+        "--cli",
+        *argv,
+        "--method",
+        "tools/list",
+        "--format",
+        "json",
+        cwd=CLIENTS_DIR,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        async with asyncio.timeout(WAIT):
+            out, err = await process.communicate()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+    if process.returncode != 0:
+        raise AssertionError(f"the Inspector exited {process.returncode}:\n{out.decode()}\n{err.decode()}")
+    result: dict[str, Any] = json.loads(out)
+    return result
