@@ -14,9 +14,11 @@ import os
 import secrets
 import signal
 import ssl
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from cryptography.fernet import Fernet
@@ -28,7 +30,7 @@ from .ops.connections import BACKLOG, AppRunner, fit_open_file_limit, quiet_acce
 from .security.check import Finding, audit_settings
 from .security.ipfilter import allows_any, connection_gate
 from .security.keys import KeysFileError, generate_key
-from .settings import Secret, Settings, SettingsError
+from .settings import Secret, Settings, SettingsError, is_loopback
 from .state import AUDIT, BACKENDS
 from .upstream.backend import Backend, StdioBackend
 from .upstream.config import ConfigError, launch_problem
@@ -172,6 +174,10 @@ def generate_key_command(name: str | None, role: str) -> int:
 
 def check_command(settings: Settings, env_file: Path | None) -> int:
     findings = audit_settings(settings, env_file)
+    oauth = _oauth_findings(settings)
+    if any(f.level != "OK" for f in oauth):  # audit_settings' "no problems found" no longer holds
+        findings = [f for f in findings if f.level != "OK"]
+    findings = findings + oauth
     try:
         problems = launch_problems(build_backends(settings, os.environ, env_file))
     except ConfigError as exc:
@@ -181,6 +187,49 @@ def check_command(settings: Settings, env_file: Path | None) -> int:
     for finding in findings:
         print(f"{finding.level}: {finding.message}")
     return 1 if any(f.level == "CRITICAL" for f in findings) else 0
+
+
+def _oauth_findings(settings: Settings) -> list[Finding]:
+    """--check's OAuth part: PUBLIC_URL's scheme, and the built-in server's STATE_DIR.
+
+    With OAuth on, a non-loopback bind without PUBLIC_URL is refused by Settings already."""
+    if not settings.oauth:
+        return []
+    findings: list[Finding] = []
+    origin = urlsplit(settings.public_origin)
+    if origin.scheme == "http" and not is_loopback(origin.hostname or ""):
+        findings.append(
+            Finding(
+                "CRITICAL",
+                f"PUBLIC_URL={settings.public_origin} is plain http with OAuth on: access tokens, "
+                "authorization codes and sign-in keys would cross the network in clear text; use https://",
+            )
+        )
+    elif origin.scheme == "http":
+        findings.append(Finding("OK", f"PUBLIC_URL {settings.public_origin} is plain http on loopback only"))
+    if settings.oauth_server:
+        state = settings.state_dir
+        existing = state
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent  # the server makes STATE_DIR (and its parents) on start
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            findings.append(
+                Finding("WARNING", f"STATE_DIR={state} is not writable by this process (uid {os.getuid()})")
+            )
+        if state.is_dir():
+            loose = sorted(
+                str(p)
+                for p in state.iterdir()
+                if p.is_file() and p.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO)
+            )
+            if loose:
+                findings.append(
+                    Finding(
+                        "WARNING",
+                        f"STATE_DIR={state} has files readable by others: {', '.join(loose)} (chmod 600)",
+                    )
+                )
+    return findings
 
 
 def launch_problems(backends: dict[str, Backend]) -> list[str]:

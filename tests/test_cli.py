@@ -42,6 +42,12 @@ GATEWAY_VARIABLES = {
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
     "EVENT_LOOP",
+    "PUBLIC_URL",
+    "OAUTH_SERVER",
+    "OAUTH_ISSUERS",
+    "OAUTH_REDIRECT_URIS",
+    "STATE_DIR",
+    "STATE_DIRECTORY",
 }
 TOKEN_LINE = re.compile(r"^\s*export AUTH_TOKEN=(\S+)\s*$")
 
@@ -443,3 +449,85 @@ def test_a_hung_interpreter_is_given_up_on(tmp_path: Path) -> None:
     spec = ServerSpec(name="broken", command=str(broken), args=("-m", "anything"))
     problem = launch_problem(spec, {"PATH": os.environ["PATH"]})
     assert problem is not None and "error while loading shared libraries" in problem
+
+
+# -- --check and OAuth: where tokens and sign-in keys travel, where the signing key lives ----------
+
+STRONG = "Aa1-" + "b2C3d4E5" * 5
+SECRET = "x" * 43 + "="  # a Fernet key: 32 bytes of urlsafe base64
+
+
+def check_oauth(env: dict[str, str], tmp_path: Path, **settings: str) -> subprocess.CompletedProcess[str]:
+    values = {
+        "AUTH_TOKEN": STRONG,
+        "SESSION_SECRET": SECRET,
+        "STATE_DIR": str(tmp_path / "state"),
+        **settings,
+    }
+    empty = tmp_path / "check.env"
+    empty.touch(mode=0o600)  # os.devnull is 0666, itself a finding
+    return run(SCRIPT, "--check", "--env-file", str(empty), env={**env, **values})
+
+
+@pytest.mark.parametrize("mode", [{"OAUTH_SERVER": "true"}, {"OAUTH_ISSUERS": "https://idp.example.com"}])
+def test_check_plain_http_public_url_with_oauth_is_critical(
+    env: dict[str, str], tmp_path: Path, mode: dict[str, str]
+) -> None:
+    # An attacker on the path reads codes, tokens and the sign-in key off a plain-http PUBLIC_URL.
+    done = check_oauth(env, tmp_path, HOST="127.0.0.1", PUBLIC_URL="http://mcp.example.com:8080", **mode)
+    assert done.returncode == 1, done.stdout + done.stderr
+    (line,) = [line for line in done.stdout.splitlines() if "PUBLIC_URL" in line]
+    assert line.startswith("CRITICAL: PUBLIC_URL=http://mcp.example.com:8080 is plain http"), line
+    assert "no problems found" not in done.stdout
+    assert STRONG not in done.stdout + done.stderr and SECRET not in done.stdout + done.stderr
+
+    https = check_oauth(env, tmp_path, PUBLIC_URL="https://mcp.example.com", **mode)
+    assert https.returncode == 0, https.stdout
+    assert "PUBLIC_URL" not in https.stdout
+
+
+@pytest.mark.parametrize("public_url", [None, "http://localhost:3001", "http://[::1]:3001"])
+def test_check_plain_http_on_loopback_is_fine(
+    env: dict[str, str], tmp_path: Path, public_url: str | None
+) -> None:
+    extra = {} if public_url is None else {"PUBLIC_URL": public_url}
+    done = check_oauth(env, tmp_path, OAUTH_SERVER="true", **extra)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "CRITICAL" not in done.stdout and "WARNING" not in done.stdout
+    assert "OK: PUBLIC_URL http://" in done.stdout and "loopback" in done.stdout
+
+
+def test_check_oauth_on_a_network_bind_without_public_url_is_refused(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    done = check_oauth(env, tmp_path, HOST="0.0.0.0", OAUTH_SERVER="true")
+    assert done.returncode != 0
+    assert "PUBLIC_URL is required" in done.stderr and "HOST=0.0.0.0" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_check_warns_of_a_state_dir_it_cannot_use(env: dict[str, str], tmp_path: Path) -> None:
+    # A file where STATE_DIR's parent should be: no process can make the directory, root neither.
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    done = check_oauth(env, tmp_path, OAUTH_SERVER="true", STATE_DIR=str(blocker / "state"))
+    assert done.returncode == 0, done.stdout  # a warning, not critical
+    assert f"WARNING: STATE_DIR={blocker / 'state'} is not writable" in done.stdout
+    assert "no problems found" not in done.stdout
+
+    # The files the server made, loosened: others could read the signing key.
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    key = state / "oauth-signing-key.pem"
+    key.write_text("not checked here")
+    key.chmod(0o600)
+    tight = check_oauth(env, tmp_path, OAUTH_SERVER="true")
+    assert "STATE_DIR" not in tight.stdout and "no problems found" in tight.stdout
+    key.chmod(0o644)
+    loose = check_oauth(env, tmp_path, OAUTH_SERVER="true")
+    assert f"WARNING: STATE_DIR={state} has files readable by others: {key}" in loose.stdout
+    # Only the built-in server keeps files there: external issuers alone are not warned about it.
+    issuers = check_oauth(
+        env, tmp_path, OAUTH_ISSUERS="https://idp.example.com", PUBLIC_URL="https://a.example"
+    )
+    assert "STATE_DIR" not in issuers.stdout
