@@ -112,6 +112,18 @@ class Gateway:
             session.log_level = level
             return result_response(request_id, {})
         if self.policy is not None and (refusal := self.policy.check(session, message)) is not None:
+            if self.audit is not None:  # a refused call is a security event: the trail must show it
+                params = message.get("params")
+                self.audit.event(
+                    "policy.denied",
+                    None,
+                    identity=session.identity,
+                    session=session.id[:8],
+                    backend=self.name,
+                    method=method[:100],
+                    tool=str(params.get("name", ""))[:200] if isinstance(params, dict) else "",
+                    reason=refusal["error"]["message"],
+                )
             return refusal
         if method == "resources/subscribe":
             return await self.backend.subscribe(session, message)

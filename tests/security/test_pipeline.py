@@ -149,6 +149,10 @@ async def test_per_key_tool_policy_filters_lists_and_refuses_calls(
             await client.call_tool("echo", {"text": "no"})
         resource = await client.read_resource("test://greeting")
         assert resource.contents[0].text == "hello from a resource"
+    # Each refusal is in the audit trail, naming who, what and why.
+    denied = [line for line in audit_lines(tmp_path / "audit.log") if line["event"] == "policy.denied"]
+    assert [(d["identity"], d["tool"]) for d in denied] == [(limited["id"], "add"), (viewer["id"], "echo")]
+    assert "viewer" in denied[1]["reason"]
 
 
 async def test_backend_allowlist_is_enforced_per_route(
