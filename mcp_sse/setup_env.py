@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
 
-from .settings import DEFAULT_PORT, GATEWAY_SECRETS, SettingsError, read_env_file
+from .settings import DEFAULT_PORT, GATEWAY_SECRETS, SettingsError, _public_url, is_loopback, read_env_file
 from .upstream.config import ServerSpec, launch_problem, resolve_command
 
 __all__ = ["Invalid", "detect_addresses", "format_env", "main", "mask", "write_private"]
@@ -52,6 +52,9 @@ CORE_KEYS = (
     "TLS_KEY",
     "MCP_SERVERS_FILE",
     "AUDIT_LOG",
+    "OAUTH_SERVER",
+    "PUBLIC_URL",
+    "STATE_DIR",
 )
 DEFAULTS = {
     "HOST": "127.0.0.1",
@@ -64,6 +67,7 @@ STARTER_MODULE = "mcp_server_time"  # `pip install mcp-server-time`: a test extr
 BUILTIN_TOOLS = "the built-in tools (echo, server_time, gateway_status)"
 NONE_WORDS = ("none", "-", "off")
 MIN_TOKEN_LENGTH = 32
+DEFAULT_STATE_DIR = "state"  # Settings' own default: ./state where the server starts
 
 
 class Invalid(ValueError):
@@ -169,6 +173,28 @@ def check_token(text: str) -> str:
     if len(set(text)) < 10 or classes < 2:
         raise Invalid("too little variety: mix letters and digits, or press Enter to generate one")
     return text
+
+
+def check_public_url(text: str) -> str:
+    """PUBLIC_URL as the server will parse it (settings' own parser): scheme://host[:port]."""
+    try:
+        return _public_url(text)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None  # the message names PUBLIC_URL and the value
+
+
+def _on(text: str | None) -> bool:
+    return (text or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def default_public_url(values: Mapping[str, str]) -> str:
+    """https://<the host clients reach>:<PORT>; plain http only for a loopback bind without TLS,
+    where https could not answer (and --check accepts http on loopback)."""
+    # This host's own addresses only: the SSH client's (first in detect_addresses) is not ours.
+    host = _client_host(values.get("HOST", DEFAULTS["HOST"]), {})
+    port = values.get("PORT", DEFAULTS["PORT"])
+    plain = not values.get("TLS_CERT") and is_loopback(host.strip("[]"))
+    return check_public_url(f"{'http' if plain else 'https'}://{host}:{port}")
 
 
 def check_fernet(text: str) -> str:
@@ -424,6 +450,13 @@ def _flag_values(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[s
                 values[key] = check(raw)
             except Invalid as exc:
                 raise Invalid(f"{flag}: {exc}") from None
+    if args.oauth_server is not None:
+        values["OAUTH_SERVER"] = "true" if args.oauth_server else ""
+    if args.public_url is not None:
+        try:
+            values["PUBLIC_URL"] = _none_or(check_public_url)(args.public_url)
+        except Invalid as exc:
+            raise Invalid(f"--public-url: {exc}") from None
     if args.token is not None:
         token = sys.stdin.readline().strip() if args.token == "-" else args.token  # noqa: S105
         try:
@@ -492,7 +525,21 @@ def non_interactive(values: dict[str, str]) -> tuple[dict[str, str], bool, list[
     values["ALLOWED_IPS"] = check_ips(values.get("ALLOWED_IPS") or "127.0.0.1,::1")
     values["ALLOWED_ORIGINS"] = check_origins(values.get("ALLOWED_ORIGINS", ""))
     notes = _finish_paths(values, create_servers=True)
+    notes += _finish_oauth(values)
     return values, new_token, notes
+
+
+def _finish_oauth(values: dict[str, str]) -> list[str]:
+    """--oauth-server: PUBLIC_URL checked (its default when neither flag nor file gave one)."""
+    if not _on(values.get("OAUTH_SERVER")):
+        values.pop("OAUTH_SERVER", None)  # off is the server's default: nothing to write
+        return []
+    values["OAUTH_SERVER"] = "true"
+    if values.get("PUBLIC_URL"):
+        values["PUBLIC_URL"] = check_public_url(values["PUBLIC_URL"])
+        return []
+    values["PUBLIC_URL"] = default_public_url(values)
+    return [f"note: PUBLIC_URL={values['PUBLIC_URL']} (the default; --public-url sets the URL clients reach)"]
 
 
 def _session_secret(values: dict[str, str]) -> str:
@@ -562,6 +609,7 @@ def interactive(
         values.get("RATE_LIMIT_MAX_REQUESTS", DEFAULTS["RATE_LIMIT_MAX_REQUESTS"]),
     )
     _ask_tls(values)
+    _ask_oauth(values, env_dir)
     _ask_api_keys(values)
     notes = _ask_servers_file(values, env_dir)
     return values, new_token, notes
@@ -586,6 +634,40 @@ def _ask_tls(values: dict[str, str]) -> None:
             return
         except Invalid as exc:
             print(f"  ! {exc}")
+
+
+def _ask_oauth(values: dict[str, str], env_dir: Path) -> None:
+    """The built-in OAuth server, for clients that cannot send a header (claude.ai, ChatGPT...)."""
+    on = confirm(
+        "Enable the built-in OAuth server (sign-in for claude.ai, ChatGPT, Claude Code without a key)?",
+        default=_on(values.get("OAUTH_SERVER")),
+    )
+    if not on:
+        values.pop("OAUTH_SERVER", None)
+        return
+    values["OAUTH_SERVER"] = "true"
+    current = values.get("PUBLIC_URL", "")
+    try:
+        default = check_public_url(current)
+    except Invalid:
+        default = default_public_url(values)
+    values["PUBLIC_URL"] = ask(
+        "Public URL clients reach the gateway at (scheme://host[:port])", check_public_url, default
+    )
+    if urlsplit(values["PUBLIC_URL"]).scheme == "http" and not is_loopback(
+        urlsplit(values["PUBLIC_URL"]).hostname or ""
+    ):
+        print("  note: plain http sends tokens and sign-in keys in clear; server_secure.py --check flags it")
+    state = ask(
+        "OAuth state directory (signing key, clients, grants)",
+        _none_or(check_value),
+        values.get("STATE_DIR") or DEFAULT_STATE_DIR,
+    )
+    if state and state != values.get("STATE_DIR", DEFAULT_STATE_DIR):
+        # Made absolute, as the servers file is: the service may start in another directory.
+        values["STATE_DIR"] = str((env_dir / Path(state).expanduser()).resolve())
+    elif not state:
+        values.pop("STATE_DIR", None)
 
 
 def _ask_api_keys(values: dict[str, str]) -> None:
@@ -676,6 +758,18 @@ def next_steps(
         args.append("--allow-http")  # mcp-remote wants https unless told otherwise
     env = {"AUTH_TOKEN": f"<AUTH_TOKEN from {env_path}>"}
     desktop = {"mcpServers": {"mcp-sse": {"command": "npx", "args": args, "env": env}}}
+    oauth = ""
+    if _on(values.get("OAUTH_SERVER")) and values.get("PUBLIC_URL"):
+        connector = f"{values['PUBLIC_URL']}/mcp"
+        remote = f"npx mcp-remote {connector}" + (" --allow-http" if connector.startswith("http:") else "")
+        oauth = f"""
+Clients that sign in with OAuth (no header, no token to paste; the person signs in with a key):
+    connector URL: {connector}
+    claude.ai / Claude Desktop: Settings, Connectors, Add custom connector, URL {connector}
+    ChatGPT: a connector with URL {connector} and OAuth authentication
+    Claude Code: claude mcp add --transport http mcp-sse {connector}   (then /mcp to sign in)
+    mcp-remote: {remote}
+"""
     python = f"""\
 import asyncio
 import os
@@ -711,7 +805,7 @@ Or run it under systemd (hardened unit, restarts on failure):
 Load the token into your shell, and check it (curl):
     {load}
     curl -H "Authorization: Bearer $AUTH_TOKEN" {url}/health
-
+{oauth}
 Claude Desktop (claude_desktop_config.json), through mcp-remote:
 {textwrap.indent(json.dumps(desktop, indent=2), "    ")}
 
@@ -751,6 +845,17 @@ def _parser() -> argparse.ArgumentParser:
     add("--tls-key", metavar="PEM", help="TLS private key file (unencrypted), or none")
     add("--servers-file", metavar="JSON", help="MCP_SERVERS_FILE; a starter file is made if missing")
     add("--audit-log", metavar="PATH", help="AUDIT_LOG file, or off for stderr only")
+    add(
+        "--oauth-server",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="turn the built-in OAuth server on (OAUTH_SERVER=true) or off",
+    )
+    add(
+        "--public-url",
+        metavar="URL",
+        help="PUBLIC_URL, scheme://host[:port] clients reach (default with --oauth-server: https://<host>:<port>)",
+    )
     add(
         "--api-key",
         action="append",

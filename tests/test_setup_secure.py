@@ -199,6 +199,7 @@ def first_run_prompts(env_path: Path) -> list[str]:
         "Rate-limit window",
         "per window per client",
         "TLS certificate file",
+        "Enable the built-in OAuth server",
         "ANTHROPIC_API_KEY",
         "PERPLEXITY_API_KEY",
         "Another API key",
@@ -313,6 +314,16 @@ def test_bad_answers_are_asked_again_with_a_reason(tmp_path: Path, terminals: li
     term.answer("TLS certificate file", str(tmp_path / "missing.crt"))
     term.answer("TLS private key file", str(tmp_path / "missing.key"))
     assert "no such file" in term.answer("TLS certificate file", "none")
+    term.answer("Enable the built-in OAuth server", "maybe")
+    assert "answer y or n" in term.answer("Enable the built-in OAuth server", "y")
+    term.answer("Public URL", "https://mcp.example.com/mcp")
+    assert "PUBLIC_URL 'https://mcp.example.com/mcp' must be scheme://host[:port] only" in term.answer(
+        "Public URL", "ftp://mcp.example.com"
+    )
+    assert "PUBLIC_URL 'ftp://mcp.example.com' must be an absolute https://" in term.answer(
+        "Public URL", "https://mcp.example.com:8443"
+    )
+    term.answer("OAuth state directory")
     for prompt in ("ANTHROPIC_API_KEY", "PERPLEXITY_API_KEY"):
         term.answer(prompt)
     term.answer("Another API key", "lower-case")
@@ -328,6 +339,8 @@ def test_bad_answers_are_asked_again_with_a_reason(tmp_path: Path, terminals: li
     assert values["RATE_LIMIT_WINDOW_MS"] == "60000" and values["RATE_LIMIT_MAX_REQUESTS"] == "30"
     assert TOKEN_RE.fullmatch(values["AUTH_TOKEN"])
     assert "TLS_CERT" not in values and "MCP_SERVERS_FILE" not in values
+    assert values["OAUTH_SERVER"] == "true" and values["PUBLIC_URL"] == "https://mcp.example.com:8443"
+    assert "STATE_DIR" not in values  # the default, kept: not written
 
 
 def test_typed_secrets_are_not_echoed(tmp_path: Path, terminals: list[Terminal]) -> None:
@@ -342,6 +355,7 @@ def test_typed_secrets_are_not_echoed(tmp_path: Path, terminals: list[Terminal])
     term.send()
     for prompt in ("Rate-limit window", "per window per client", "TLS certificate file"):
         term.answer(prompt)
+    term.answer("Enable the built-in OAuth server")
     term.answer("ANTHROPIC_API_KEY", api_key)
     term.answer("PERPLEXITY_API_KEY")
     term.answer("Another API key", "CUSTOM_API_KEY")
@@ -388,8 +402,10 @@ def test_rerun_masks_secrets_and_keeps_them(tmp_path: Path, terminals: list[Term
     assert "203.0.113.7 is not in the current list" in shown
     assert f"Enter keeps {mask(before['AUTH_TOKEN'])}" in term.answer("Auth token, hidden")
     assert "[https://app.example.com]" in term.answer("Browser origins")
-    for prompt in ("Rate-limit window", "per window per client", "TLS certificate file", "ANTHROPIC_API_KEY"):
+    for prompt in ("Rate-limit window", "per window per client", "TLS certificate file"):
         term.answer(prompt)
+    assert "[y/N]" in term.answer("Enable the built-in OAuth server")  # off by default
+    term.answer("ANTHROPIC_API_KEY")
     assert f"Enter keeps {mask(api_key)}" in term.answer("PERPLEXITY_API_KEY")
     term.answer("Another API key")
     assert f"[{tmp_path / 'servers.json'}]" in term.answer("MCP servers file")
@@ -802,3 +818,135 @@ async def test_setup_then_server_then_the_printed_client(tmp_path: Path) -> None
     finally:
         assert await server.stop() == 0
     assert token not in server.stderr
+
+
+# -- the built-in OAuth server ---------------------------------------------------------------------
+
+
+async def oauth_issuer(env_path: Path, tmp_path: Path) -> str:
+    """Start server_secure.py on the written file (any free port), and read its issuer."""
+    import aiohttp
+
+    server = await launch(
+        [sys.executable, str(REPO / "server_secure.py"), "--env-file", str(env_path), "--port", "0"],
+        env=child_env(tmp_path),
+        cwd=tmp_path,
+    )
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{server.url}/.well-known/oauth-authorization-server") as response,
+        ):
+            assert response.status == 200, await response.text()
+            issuer = (await response.json())["issuer"]
+            assert isinstance(issuer, str)
+            return issuer
+    finally:
+        assert await server.stop() == 0
+
+
+async def test_interactive_oauth_server_then_a_rerun_keeps_it(
+    tmp_path: Path, terminals: list[Terminal]
+) -> None:
+    env_path = tmp_path / ".env"
+    port = free_port()
+    term = Terminal(tmp_path, "--output", str(env_path))
+    terminals.append(term)
+    term.answer("Bind address [")
+    term.answer("Port [", str(port))
+    for prompt in ("comma-separated [", "Auth token, hidden", "Browser origins", "Rate-limit window"):
+        term.answer(prompt)
+    term.answer("per window per client")
+    term.answer("TLS certificate file")
+    assert "[y/N]" in term.answer("Enable the built-in OAuth server", "y")
+    # Loopback without TLS: the default is the plain-http URL the server answers at.
+    assert f"[http://127.0.0.1:{port}]" in term.answer("Public URL", "https://mcp.example.com/")
+    assert "[state]" in term.answer("OAuth state directory", "oauth-state")
+    for prompt in ("ANTHROPIC_API_KEY", "PERPLEXITY_API_KEY", "Another API key"):
+        term.answer(prompt)
+    term.answer("MCP servers file", "none")
+    term.answer(f"Write {env_path}?")
+    assert await asyncio.to_thread(term.finish) == 0, term.output
+
+    values = read_env_file(env_path)
+    assert values["OAUTH_SERVER"] == "true"
+    assert values["PUBLIC_URL"] == "https://mcp.example.com"  # as settings normalise it
+    assert values["STATE_DIR"] == str(tmp_path / "oauth-state")  # changed from the default: written
+    out = term.output.replace("\r\n", "\n")
+    assert "connector URL: https://mcp.example.com/mcp\n" in out
+    assert "claude mcp add --transport http mcp-sse https://mcp.example.com/mcp" in out
+    assert "mcp-remote: npx mcp-remote https://mcp.example.com/mcp\n" in out
+    assert await oauth_issuer(env_path, tmp_path) == "https://mcp.example.com"
+    assert (tmp_path / "oauth-state" / "oauth-signing-key.pem").exists()
+
+    # A rerun: the current values are the defaults, Enter keeps each.
+    term = Terminal(tmp_path, "--output", str(env_path))
+    terminals.append(term)
+    for prompt in first_run_prompts(env_path)[:8]:
+        term.answer(prompt)
+    assert "[Y/n]" in term.answer("Enable the built-in OAuth server")
+    assert "[https://mcp.example.com]" in term.answer("Public URL")
+    assert f"[{tmp_path / 'oauth-state'}]" in term.answer("OAuth state directory")
+    for prompt in ("ANTHROPIC_API_KEY", "PERPLEXITY_API_KEY", "Another API key"):
+        term.answer(prompt)
+    term.answer("MCP servers file", "none")  # none is not written, so a rerun offers the starter again
+    term.answer(f"Write {env_path}?")
+    assert await asyncio.to_thread(term.finish) == 0, term.output
+    assert read_env_file(env_path) == values
+
+
+async def test_non_interactive_oauth_server_flags(tmp_path: Path) -> None:
+    env_path = tmp_path / ".env"
+    setup = run(
+        tmp_path,
+        "--non-interactive",
+        "--output",
+        str(env_path),
+        "--oauth-server",
+        "--public-url",
+        "https://mcp.example.com:8443",
+    )
+    assert setup.returncode == 0, setup.stderr
+    values = read_env_file(env_path)
+    assert values["OAUTH_SERVER"] == "true" and values["PUBLIC_URL"] == "https://mcp.example.com:8443"
+    assert "STATE_DIR" not in values
+    assert "connector URL: https://mcp.example.com:8443/mcp" in setup.stdout
+    assert "npx mcp-remote https://mcp.example.com:8443/mcp\n" in setup.stdout
+    for secret in (values["AUTH_TOKEN"], values["SESSION_SECRET"]):
+        assert secret not in setup.stdout + setup.stderr
+    assert await oauth_issuer(env_path, tmp_path) == "https://mcp.example.com:8443"
+
+    # A rerun without the flags keeps them; --no-oauth-server turns it off, and no connector is printed.
+    again = run(tmp_path, "--non-interactive", "--output", str(env_path))
+    assert again.returncode == 0, again.stderr
+    assert read_env_file(env_path) == values
+    off = run(tmp_path, "--non-interactive", "--output", str(env_path), "--no-oauth-server")
+    assert off.returncode == 0, off.stderr
+    assert "OAUTH_SERVER" not in read_env_file(env_path)
+    assert "connector URL" not in off.stdout
+
+
+def test_non_interactive_oauth_server_default_public_url(tmp_path: Path) -> None:
+    # Bound to every interface: https on one of this host's own addresses, never the SSH client's.
+    done = run(tmp_path, "--non-interactive", "--output", ".env", "--oauth-server", "--host", "0.0.0.0")
+    assert done.returncode == 0, done.stderr
+    url = read_env_file(tmp_path / ".env")["PUBLIC_URL"]
+    assert url.startswith("https://") and url.endswith(":3001") and "203.0.113.7" not in url
+    assert f"note: PUBLIC_URL={url} (the default" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("https://mcp.example.com/mcp", "must be scheme://host[:port] only"),
+        ("mcp.example.com", "must be an absolute https://"),
+        ("https://mcp.example.com:99999", "has an invalid port"),
+        ("https://user@mcp.example.com", "must not carry user info"),
+    ],
+)
+def test_bad_public_url_is_refused(tmp_path: Path, url: str, reason: str) -> None:
+    done = run(tmp_path, "--non-interactive", "--output", ".env", "--oauth-server", "--public-url", url)
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.startswith(f"setup_secure.py: --public-url: PUBLIC_URL {url!r}"), done.stderr
+    assert reason in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / ".env").exists()
