@@ -98,18 +98,27 @@ async def storm(
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
 
 
+def server_connections(gw: Running) -> int:
+    """Connections the gateway's HTTP server still holds (a handler, its socket, its task)."""
+    runner = gw.server.runner
+    assert runner is not None and runner.server is not None
+    return len(runner.server.connections)
+
+
 async def measured_storm(
     gw: Running, cycle: Callable[[aiohttp.ClientSession, int], Awaitable[None]], label: str
 ) -> None:
     await storm(gw, cycle, 40)  # warm-up: first-use allocations and caches are not leaks
-    assert await wait_until(lambda: len(gw.app[SESSIONS]) == 0 and not gw.app[TASKS], 10)
-    await asyncio.sleep(0.3)
+    # Quiet before the baseline: no session, no spawned task, and the server has let go of every
+    # connection of the warm-up (their sockets and handler tasks), rather than 0.3 s having passed.
+    quiet = lambda: len(gw.app[SESSIONS]) == 0 and not gw.app[TASKS] and server_connections(gw) == 0  # noqa: E731
+    assert await wait_until(quiet, 30)
     baseline = Gauges.read(gw)
     started = asyncio.get_running_loop().time()
     await storm(gw, cycle, CYCLES)
     elapsed = asyncio.get_running_loop().time() - started
     peak = Gauges.read(gw)
-    settled = await wait_until(lambda: Gauges.read(gw).back_to(baseline), 10, interval=0.1)
+    settled = await wait_until(lambda: Gauges.read(gw).back_to(baseline), 30, interval=0.1)
     after = Gauges.read(gw)
     print(
         f"[measure] {label}: {CYCLES} cycles in {elapsed:.1f} s; baseline {baseline}; "

@@ -350,7 +350,9 @@ async def run_soak(
 ) -> SoakReport:
     report = SoakReport()
     assert await wait_until(lambda: all(b.state == "running" for b in app[BACKENDS].values()), 30)
-    await asyncio.sleep(0.2)
+    # The start-up checks (spawned tasks: the resource-collision listing runs as a session of its
+    # own) are done, rather than 0.2 s having passed: the baseline holds no transient task.
+    assert await wait_until(lambda: not app[TASKS] and len(app[SESSIONS]) == 0, 30)
     start = gauges(app)
     backends_before = {name: b.status()["restarts"] for name, b in app[BACKENDS].items()}
     soak = Soak(url, token, app, report, seed)
