@@ -26,6 +26,7 @@ import pytest
 
 from mcp_sse.ops.connections import RESERVE
 from tests.conftest import Launched, launch
+from tests.reliability.harness import wait_until
 from tests.security.test_operations import self_signed
 
 TOKEN = secrets.token_urlsafe(32)
@@ -97,6 +98,17 @@ async def close_all(connections: list[tuple[asyncio.StreamReader, asyncio.Stream
     for _, writer in connections:
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+def accept_backlog(port: int) -> int:
+    """Connections the kernel has completed on the listening socket at `port` and the server has
+    not accepted yet: a LISTEN socket's Recv-Q in /proc/net/tcp{,6}."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, _, state, queues = line.split()[1:5]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                return int(queues.split(":")[1], 16)
+    raise AssertionError(f"nothing listens on port {port}")
 
 
 def soft_limit(pid: int) -> int:
@@ -185,10 +197,11 @@ async def test_a_flood_past_the_descriptor_limit_neither_floods_the_log_nor_stop
         host, port = server.url.removeprefix("http://").rsplit(":", 1)
         flood = []
         for _ in range(14):
-            # In bursts that fit the listen backlog (128): past it, the kernel holds a handshake back
-            # for seconds, and the count below would depend on that timing, not on the server.
+            # In bursts that fit the listen backlog (128), each accepted by the server before the
+            # next: past it, the kernel holds a handshake back for seconds, and the count below
+            # would depend on that timing, not on the server.
             flood += await asyncio.gather(*(asyncio.open_connection(host, int(port)) for _ in range(50)))
-            await asyncio.sleep(0.05)
+            assert await wait_until(lambda: accept_backlog(int(port)) == 0, 30)
         answers = await asyncio.gather(*(first_bytes(reader, 5) for reader, _ in flood))
         waiting = answers.count(None)  # open, waiting for a request
         refused = sum(a is not None and a.startswith(b"HTTP/1.1 503 ") for a in answers)
@@ -263,17 +276,21 @@ async def test_over_tls_a_connection_is_screened_before_its_handshake(tmp_path: 
         for _ in range(5):
             reader, writer = await asyncio.open_connection(host, int(port), ssl=client_tls(cert))
             writer.write(f"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
-            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200 ")
+            assert (await asyncio.wait_for(reader.readline(), 30)).startswith(b"HTTP/1.1 200 ")
             writer.close()
-            await asyncio.sleep(0.3)
-        # Four sockets that never say hello take every place; a fifth is closed at once, unanswered.
+            # Closed on both ends (the server answered our close_notify) before the next one.
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await asyncio.wait_for(writer.wait_closed(), 30)
+        # Four sockets that never say hello take every place (the server has accepted them all);
+        # a fifth is closed unanswered, while the four are still held: not by the header timeout.
         silent = [await asyncio.open_connection(host, int(port)) for _ in range(4)]
-        await asyncio.sleep(0.2)
+        assert await wait_until(lambda: accept_backlog(int(port)) == 0, 30)
         reader, writer = await asyncio.open_connection(host, int(port))
-        assert await first_bytes(reader, 2) == b""
+        assert await first_bytes(reader, 30) == b""
+        assert not any(r.at_eof() for r, _ in silent), "the fifth was closed by the header timeout"
         writer.close()
         # The silent ones are dropped after REQUEST_HEADER_TIMEOUT_SECONDS, and the places come back.
-        assert await asyncio.gather(*(first_bytes(r, 10) for r, _ in silent)) == [b""] * 4
+        assert await asyncio.gather(*(first_bytes(r, 30) for r, _ in silent)) == [b""] * 4
         await close_all(silent)
         async with aiohttp.ClientSession() as http:
             headers = {"Authorization": f"Bearer {TOKEN}"}
