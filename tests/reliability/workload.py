@@ -61,7 +61,9 @@ SOAK_SETTINGS: dict[str, Any] = {
 }
 """Gateway settings for a soak (on top of the secrets); the fixture and the command both use them."""
 
-_CHILD_FAULT = re.compile(r"exited|restarting|starting|not completed|is stopped|session ended")
+# What a call may get while the soak kills its child: "is not running" is the moment between the
+# child's death and the supervisor's noticing it, which a loaded machine widens.
+_CHILD_FAULT = re.compile(r"exited|restarting|starting|not completed|is stopped|is not running|session ended")
 
 
 def soak_servers() -> dict[str, dict[str, Any]]:
