@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 from mcp import MCPError, types
 
-from tests.conftest import SDK_SERVER, StartGateway, mcp_client, text_of
+from tests.conftest import SDK_SERVER, StartGateway, mcp_client, text_of, wait_for_text
 
 
 async def test_ten_concurrent_clients_get_only_their_own_replies(start_gateway: StartGateway) -> None:
@@ -82,9 +83,12 @@ async def test_sampling_request_goes_to_the_session_that_caused_it(
     assert asked == {"a": ["from a?"], "b": ["from b?"]}
 
 
-async def test_ambiguous_server_request_is_refused_not_guessed(start_gateway: StartGateway) -> None:
+async def test_ambiguous_server_request_is_refused_not_guessed(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
     """With two sessions in flight on one shared child, stdio cannot say whose sampling request it is."""
     gw = await start_gateway({"test": SDK_SERVER})
+    marker = tmp_path / "marker"
     asked: list[str] = []
 
     async def sampler(context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
@@ -97,11 +101,16 @@ async def test_ambiguous_server_request_is_refused_not_guessed(start_gateway: St
         mcp_client(gw.url, gw.token, sampling_callback=sampler) as a,
         mcp_client(gw.url, gw.token, sampling_callback=sampler) as b,
     ):
-        holder = asyncio.create_task(b.call_tool("sleep", {"seconds": 1.5}))
-        await asyncio.sleep(0.3)
+        # b's call is in flight at the child (it wrote "started"), and stays so until b gives up.
+        holder = asyncio.create_task(b.call_tool("record_cancel", {"seconds": 3600, "path": str(marker)}))
+        await wait_for_text(marker, "started")
         with pytest.raises(MCPError, match="no single client session"):
             await a.call_tool("ask_llm", {"question": "whose?"})
-        assert text_of(await holder) == "slept"
+        assert not holder.done()  # the refusal came while b's call was still in flight
+        holder.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await holder
+        await wait_for_text(marker, "cancelled")  # b's client told the child
     assert asked == []
 
 

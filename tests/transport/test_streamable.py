@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import SDK_SERVER, Running, StartGateway, init_message, next_event, next_message
+from tests.conftest import (
+    SDK_SERVER,
+    Running,
+    StartGateway,
+    init_message,
+    next_event,
+    next_message,
+    wait_for_dropped_stream,
+)
 
 ACCEPT = {"Accept": "application/json, text/event-stream"}
 
@@ -243,7 +250,9 @@ async def test_resume_a_broken_request_stream_with_last_event_id(
     first = await next_event(streamed)
     assert json.loads(first.data)["params"]["progress"] == 1
     streamed.close()  # the connection drops mid-request
-    await asyncio.sleep(0.5)
+    # The gateway let go of the stream and buffered what came since: the resume must replay it.
+    assert raw.session_id is not None and first.id is not None
+    await wait_for_dropped_stream(gw.app, raw.session_id, first.id)
     resumed = await http.get(
         raw.url, headers=raw.headers(Accept="text/event-stream", **{"Last-Event-ID": first.id})
     )
