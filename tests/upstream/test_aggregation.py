@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from mcp import MCPError, types
 
 from mcp_sse.upstream import backend as backend_module
 from tests.conftest import SDK_SERVER, SERVERS, TIME_SERVER, StartGateway, mcp_client, text_of
+from tests.reliability.harness import wait_until
 
 RAW_SERVER = {"command": sys.executable, "args": [str(SERVERS / "raw_server.py")]}
 BROKEN = {"command": sys.executable, "args": ["-c", "import sys; sys.exit(1)"]}
@@ -60,10 +60,7 @@ async def test_list_changed_from_any_backend_reaches_the_session(start_gateway: 
 
     async with mcp_client(gw.url, gw.token, message_handler=on_message) as client:
         assert text_of(await client.call_tool("raw__touch", {})) == "touched"
-        for _ in range(50):
-            if "notifications/tools/list_changed" in seen:
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: "notifications/tools/list_changed" in seen, 30)
     assert "notifications/tools/list_changed" in seen
 
 
@@ -82,13 +79,7 @@ async def test_resource_collisions_are_reported_at_startup(
     gw = await start_gateway({"first": SDK_SERVER, "second": SDK_SERVER})
     async with mcp_client(gw.url, gw.token) as client:
         await client.list_tools()
-        for _ in range(100):
-            if "test://greeting is offered by first, second" in caplog.text:
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: "test://greeting is offered by first, second" in caplog.text, 30)
     assert "test://greeting is offered by first, second; first serves it" in caplog.text
-    for _ in range(100):
-        if "backend.resource_collision" in (tmp_path / "audit.log").read_text():
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: "backend.resource_collision" in (tmp_path / "audit.log").read_text(), 30)
     assert "test://greeting" in (tmp_path / "audit.log").read_text()
