@@ -18,17 +18,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import SDK_SERVER, StartGateway, init_message, launch
+from tests.conftest import SDK_SERVER, StartGateway, init_message, launch, wait_for_text
 from tests.interop.test_modern import modern_headers, modern_request
 from tests.security.helpers import audit_lines
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-async def wait_for_text(path: Path, text: str, timeout: float = 60) -> None:
-    async with asyncio.timeout(timeout):
-        while not (path.exists() and path.read_text() == text):
-            await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])

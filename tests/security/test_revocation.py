@@ -18,8 +18,7 @@ import pytest
 from mcp_sse import app as app_module
 from mcp_sse.app import reload_keys
 from mcp_sse.state import TASKS
-from tests.conftest import SDK_SERVER, StartGateway, next_event, next_message
-from tests.interop.test_cancellation import wait_for_text
+from tests.conftest import SDK_SERVER, StartGateway, next_event, next_message, wait_for_text
 from tests.interop.test_modern import RAW_SERVER, modern_headers, modern_request
 
 from .helpers import audit_lines
