@@ -589,29 +589,31 @@ class OAuthServer:
             return self._login_page(request, auth)
         return self._consent_page(auth, *signed_in)
 
-    async def _form(self, request: web.Request) -> MultiMapping[Any]:
+    async def _posted(self, request: web.Request, what: str) -> tuple[MultiMapping[Any], _AuthRequest]:
+        """A sign-in or consent form: from this gateway's own page (CSRF), as a browser sends it,
+        carrying an authorization request that is still valid."""
+        if not self._same_origin(request):
+            self.audit.event(
+                "oauth.authorize", request, outcome="refused", reason=f"{what} from another origin"
+            )
+            page = "sign-in" if what == "sign-in" else "approval"
+            raise self._html_error(
+                403, "Request refused", f"This {page} did not come from this gateway's page."
+            )
         form = await _urlencoded(request)
         if form is None:
             raise self._html_error(400, "Invalid request", "This form was not sent by a browser.")
-        return form
-
-    async def _login(self, request: web.Request) -> web.Response:
-        """POST: the sign-in form. The key is checked as POST /auth/login checks it, and the login
-        made by the same function, so logout, key revocation and the lifetime apply alike."""
-        if not self._same_origin(request):
-            self.audit.event(
-                "oauth.authorize", request, outcome="refused", reason="sign-in from another origin"
-            )
-            raise self._html_error(
-                403, "Request refused", "This sign-in did not come from this gateway's page."
-            )
-        form = await self._form(request)
         try:
-            auth = await self._authorization_request(form)
+            return form, await self._authorization_request(form)
         except _PageError as exc:
             raise self._page_error(request, exc) from None
         except _RedirectError as exc:
             self._redirect_error(request, exc, web.HTTPSeeOther)
+
+    async def _login(self, request: web.Request) -> web.Response:
+        """POST: the sign-in form. The key is checked as POST /auth/login checks it, and the login
+        made by the same function, so logout, key revocation and the lifetime apply alike."""
+        form, auth = await self._posted(request, "sign-in")
         _, cookie, fresh = self._pre_login_cookie(request)
         if fresh or not self._csrf_ok(form, self._csrf("login", cookie, auth)):
             self.audit.event(
@@ -629,20 +631,7 @@ class OAuthServer:
 
     async def _decide(self, request: web.Request) -> web.Response:
         """POST: the consent form's Approve or Deny."""
-        if not self._same_origin(request):
-            self.audit.event(
-                "oauth.authorize", request, outcome="refused", reason="consent from another origin"
-            )
-            raise self._html_error(
-                403, "Request refused", "This approval did not come from this gateway's page."
-            )
-        form = await self._form(request)
-        try:
-            auth = await self._authorization_request(form)
-        except _PageError as exc:
-            raise self._page_error(request, exc) from None
-        except _RedirectError as exc:
-            self._redirect_error(request, exc, web.HTTPSeeOther)
+        form, auth = await self._posted(request, "consent")
         signed_in = await self._current_login(request)
         if signed_in is None:
             return self._login_page(request, auth, error="Your sign-in ended. Sign in again to continue.")
