@@ -14,7 +14,9 @@ import base64
 import hashlib
 import io
 import json
+import os
 import secrets
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer, unused_port
 from aiohttp_session import session_middleware
 from cryptography.fernet import Fernet
+from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 
 from mcp_sse.oauth.server import OAuthServer, add_oauth_server_routes
 from mcp_sse.oauth.tokens import SigningKey
@@ -303,3 +306,52 @@ def authorization_params(as_: AS, client_id: str, challenge: str, **overrides: s
     }
     params.update(overrides)
     return {k: v for k, v in params.items() if v != ""}
+
+
+class MemoryStorage:
+    """The SDK OAuth client's token storage, in memory (tests read what it holds)."""
+
+    def __init__(self) -> None:
+        self.tokens: OAuthToken | None = None
+        self.client: OAuthClientInformationFull | None = None
+
+    async def get_tokens(self) -> OAuthToken | None:
+        return self.tokens
+
+    async def set_tokens(self, tokens: OAuthToken) -> None:
+        self.tokens = tokens
+
+    async def get_client_info(self) -> OAuthClientInformationFull | None:
+        return self.client
+
+    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+        self.client = client_info
+
+
+@dataclass
+class OAuthProcess:
+    """How to start server_secure.py with the built-in authorization server, by environment only."""
+
+    port: int
+    admin: str
+    env: dict[str, str]
+    argv: list[str]
+
+
+def oauth_process(tmp_path: Path) -> OAuthProcess:
+    port = unused_port()  # PUBLIC_URL names the port, so it is chosen here
+    admin = "mcp_" + secrets.token_urlsafe(32)
+    keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")
+    env = {
+        **{k: v for k, v in os.environ.items() if k in keep},
+        "AUTH_TOKEN": admin,
+        "SESSION_SECRET": Fernet.generate_key().decode(),
+        "AUDIT_LOG": str(tmp_path / "audit.log"),
+        "OAUTH_SERVER": "true",
+        "PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "STATE_DIR": str(tmp_path / "state"),
+    }
+    script = Path(__file__).resolve().parents[2] / "server_secure.py"
+    return OAuthProcess(
+        port, admin, env, [sys.executable, str(script), "--port", str(port), "--env-file", os.devnull]
+    )

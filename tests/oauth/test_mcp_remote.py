@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -28,10 +27,10 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import unused_port
-from cryptography.fernet import Fernet
 
 from tests.conftest import Launched, launch
 
+from .as_helpers import oauth_process
 from .helpers import ensure_installed, node_or_skip
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,18 +57,8 @@ async def npx() -> str:
 @pytest.fixture
 async def gateway(tmp_path: Path) -> AsyncIterator[tuple[Launched, str]]:
     """server_secure.py with the built-in authorization server, configured by environment only."""
-    port = unused_port()
-    admin = "mcp_" + secrets.token_urlsafe(32)
-    env = {
-        **{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")},
-        "AUTH_TOKEN": admin,
-        "SESSION_SECRET": Fernet.generate_key().decode(),
-        "AUDIT_LOG": str(tmp_path / "audit.log"),
-        "OAUTH_SERVER": "true",
-        "PUBLIC_URL": f"http://127.0.0.1:{port}",
-        "STATE_DIR": str(tmp_path / "state"),
-    }
-    argv = [sys.executable, str(REPO / "server_secure.py"), "--port", str(port), "--env-file", os.devnull]
+    process = oauth_process(tmp_path)
+    admin, env, argv = process.admin, process.env, process.argv
     running = await launch(argv, env=env, cwd=tmp_path)
     try:
         yield running, admin

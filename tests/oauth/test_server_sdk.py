@@ -21,9 +21,7 @@ from aiohttp import web
 from mcp.client.auth import OAuthClientProvider
 from mcp.shared.auth import (
     AuthorizationCodeResult,
-    OAuthClientInformationFull,
     OAuthClientMetadata,
-    OAuthToken,
 )
 from pydantic import AnyUrl
 
@@ -38,25 +36,7 @@ from mcp_sse.oauth.tokens import OwnToken
 from mcp_sse.security.keys import bearer_token
 from mcp_sse.settings import Settings
 
-from .as_helpers import AS, LOOPBACK_CALLBACK, Browser, start_as
-
-
-class MemoryStorage:
-    def __init__(self) -> None:
-        self.tokens: OAuthToken | None = None
-        self.client: OAuthClientInformationFull | None = None
-
-    async def get_tokens(self) -> OAuthToken | None:
-        return self.tokens
-
-    async def set_tokens(self, tokens: OAuthToken) -> None:
-        self.tokens = tokens
-
-    async def get_client_info(self) -> OAuthClientInformationFull | None:
-        return self.client
-
-    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
-        self.client = client_info
+from .as_helpers import AS, LOOPBACK_CALLBACK, Browser, MemoryStorage, start_as
 
 
 def resource_server(app: web.Application, url: str, server: OAuthServer) -> None:

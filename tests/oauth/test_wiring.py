@@ -35,9 +35,7 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import (
     AuthorizationCodeResult,
-    OAuthClientInformationFull,
     OAuthClientMetadata,
-    OAuthToken,
 )
 from mcp.shared.exceptions import MCPError
 from pydantic import AnyUrl
@@ -50,7 +48,16 @@ from mcp_sse.settings import Secret, Settings, SettingsError
 from mcp_sse.state import SESSIONS
 from tests.conftest import init_message, launch, text_of
 
-from .as_helpers import LOOPBACK_CALLBACK, Browser, form_of, pkce, register, token
+from .as_helpers import (
+    LOOPBACK_CALLBACK,
+    Browser,
+    MemoryStorage,
+    form_of,
+    oauth_process,
+    pkce,
+    register,
+    token,
+)
 from .conftest import FakeIssuer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,24 +125,6 @@ async def start_oauth(aiohttp_server: Callable[..., Awaitable[TestServer]], tmp_
         return gateway
 
     return start
-
-
-class MemoryStorage:
-    def __init__(self) -> None:
-        self.tokens: OAuthToken | None = None
-        self.client: OAuthClientInformationFull | None = None
-
-    async def get_tokens(self) -> OAuthToken | None:
-        return self.tokens
-
-    async def set_tokens(self, tokens: OAuthToken) -> None:
-        self.tokens = tokens
-
-    async def get_client_info(self) -> OAuthClientInformationFull | None:
-        return self.client
-
-    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
-        self.client = client_info
 
 
 @asynccontextmanager
@@ -483,18 +472,8 @@ async def test_prm_documents_still_pass_the_ip_allowlist(start_oauth: StartOAuth
 async def test_a_real_process_with_oauth_keeps_its_grants_across_a_restart(tmp_path: Path) -> None:
     """server_secure.py configured by environment only: the flow, then a restart on the same
     STATE_DIR, where the token issued before still works (signing key and grant persisted, 0600)."""
-    port = unused_port()
-    admin = "mcp_" + secrets.token_urlsafe(32)
-    env = {
-        **{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")},
-        "AUTH_TOKEN": admin,
-        "SESSION_SECRET": Fernet.generate_key().decode(),
-        "AUDIT_LOG": str(tmp_path / "audit.log"),
-        "OAUTH_SERVER": "true",
-        "PUBLIC_URL": f"http://127.0.0.1:{port}",
-        "STATE_DIR": str(tmp_path / "state"),
-    }
-    argv = [sys.executable, str(REPO / "server_secure.py"), "--port", str(port), "--env-file", os.devnull]
+    process = oauth_process(tmp_path)
+    admin, env, argv = process.admin, process.env, process.argv
     storage = MemoryStorage()
     first = await launch(argv, env=env, cwd=tmp_path)
     try:
