@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import re
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,8 @@ from aiohttp.test_utils import TestServer
 from mcp_sse.oauth.server import OAuthServer
 from mcp_sse.oauth.tokens import OwnToken
 
-from .as_helpers import AS, authorization_params, pkce, register, start_as, token
+from .as_helpers import AS, CHROMIUM, CHROMIUM_FLAGS, authorization_params, pkce, register, start_as, token
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)"
 )
@@ -95,13 +93,7 @@ async def chromium(profile: Path) -> AsyncIterator[DevTools]:
     assert CHROMIUM is not None
     process = await asyncio.create_subprocess_exec(
         CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
+        *CHROMIUM_FLAGS,
         "--remote-debugging-address=127.0.0.1",
         "--remote-debugging-port=0",
         f"--user-data-dir={profile}",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlencode
@@ -21,9 +20,8 @@ from aiohttp import web
 from mcp_sse.oauth.server import OAuthServer
 from mcp_sse.security.cookies import start_cookie_session
 
-from .as_helpers import AS, authorization_params, pkce, register, start_as
+from .as_helpers import AS, CHROMIUM, CHROMIUM_FLAGS, authorization_params, pkce, register, start_as
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)"
 )
@@ -63,13 +61,7 @@ async def screenshot(url: str, path: Path, profile: Path) -> str:
     assert CHROMIUM is not None
     process = await asyncio.create_subprocess_exec(
         CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
+        *CHROMIUM_FLAGS,
         "--hide-scrollbars",
         "--enable-logging=stderr",
         f"--user-data-dir={profile}",
