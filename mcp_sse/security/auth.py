@@ -225,18 +225,14 @@ def authentication(
 def authorization() -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        key = request.get(API_KEY)
-        principal = request.get(PRINCIPAL)
-        if key is not None and key.backends is not None:  # a key limited to some backends
+        key, principal = request.get(API_KEY), request.get(PRINCIPAL)
+        caller = key if key is not None else principal  # a bearer or cookie key, else a token's principal
+        if caller is not None and caller.backends is not None:  # limited to some backends
             resource = request.match_info.route.resource
             backend = request.app[ROUTE_BACKENDS].get(resource.canonical if resource else "")
-            if backend is not None and not key.may_use_backend(backend):
-                raise forbidden(f"key {key.id!r} may not use backend {backend!r}")
-        if principal is not None and principal.backends is not None:  # a token of such a key
-            resource = request.match_info.route.resource
-            backend = request.app[ROUTE_BACKENDS].get(resource.canonical if resource else "")
-            if backend is not None and not principal.may_use_backend(backend):
-                raise forbidden(f"{principal.name!r} may not use backend {backend!r}")
+            if backend is not None and not caller.may_use_backend(backend):
+                who = f"key {key.id!r}" if key is not None else repr(caller.name)
+                raise forbidden(f"{who} may not use backend {backend!r}")
         return await handler(request)
 
     return middleware
