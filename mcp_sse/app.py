@@ -60,11 +60,11 @@ from .store.sqlite import SQLiteStore
 from .transport.legacy_sse import LegacySSE
 from .transport.streamable import StreamableHTTP
 from .upstream.aggregate import AggregateBackend
-from .upstream.backend import Backend, StdioBackend
-from .upstream.builtin import BuiltinBackend, load_toolset
+from .upstream.backend import Backend
+from .upstream.builtin import BuiltinBackend
 from .upstream.config import load_servers
 from .upstream.default import default_toolset
-from .upstream.isolation import PerSessionBackend
+from .upstream.factory import build_backend
 
 __all__ = ["build_backends", "create_app", "end_identities", "reload_keys", "revive_backends"]
 
@@ -85,12 +85,7 @@ def build_backends(
     merged = {**(read_env_file(env_file) if env_file else {}), **environ}
     base_env = {k: v for k, v in merged.items() if k not in GATEWAY_SECRETS}
     for spec in load_servers(settings.servers_file, merged):
-        if spec.module is not None:
-            backends[spec.name] = BuiltinBackend(load_toolset(spec.module), name=spec.name)
-        elif spec.isolation == "per-session":
-            backends[spec.name] = PerSessionBackend(spec, max_line=settings.max_line, base_env=base_env)
-        else:
-            backends[spec.name] = StdioBackend(spec, max_line=settings.max_line, base_env=base_env)
+        backends[spec.name] = build_backend(spec, max_line=settings.max_line, base_env=base_env)
     return backends
 
 

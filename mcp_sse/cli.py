@@ -238,7 +238,7 @@ def launch_problems(backends: dict[str, Backend]) -> list[str]:
     for backend in backends.values():
         if isinstance(backend, StdioBackend):
             problem = launch_problem(backend.spec, backend.env)
-        elif isinstance(backend, PerSessionBackend):
+        elif isinstance(backend, PerSessionBackend) and backend.spec.url is None:
             # What each session's child gets (StdioBackend's merge), less the headers it maps.
             problem = launch_problem(backend.spec, {**backend.base_env, **backend.spec.env})
         else:

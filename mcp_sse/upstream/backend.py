@@ -48,11 +48,14 @@ class Backend(ABC):
     timeout: float = 60.0
     max_children: int = 0
     """Child processes it may run at once: each holds pipes, counted in the open-file budget."""
+    last_error: str | None = None
 
     def __init__(self) -> None:
         self._ready = asyncio.Event()
         self.capabilities = {}
         self.server_info = {}
+        self.schemas: dict[str, dict[str, Any]] = {}
+        """inputSchema per tool, as the backend announced them."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Begin serving; may return before the backend is ready."""
@@ -93,7 +96,7 @@ class Backend(ABC):
 
     def tool_schema(self, name: str) -> dict[str, Any] | None:
         """The inputSchema the backend announced for a tool, when known."""
-        return None
+        return self.schemas.get(name)
 
     def abort(self, reason: str) -> None:  # noqa: B027 - optional hook
         """Fail every request in flight now, with `reason` (shutdown)."""
@@ -121,8 +124,6 @@ class StdioBackend(Backend):
         self.max_line = max_line
         self.restarts = 0
         self.tool_count: int | None = None
-        self._schemas: dict[str, dict[str, Any]] = {}
-        self.last_error: str | None = None
         self._timed_out = asyncio.Event()
         self.mux = Multiplexer(spec.name, self._write, on_timeout=self._timed_out.set)
         self._child: ChildProcess | None = None
@@ -273,7 +274,7 @@ class StdioBackend(Backend):
             listed = listed if isinstance(listed, list) else []  # a child's answer, not a promise
             self.tool_count = len(listed)
             # Known from the start, so arguments are checked before any client listed the tools.
-            self._schemas = {
+            self.schemas = {
                 str(t.get("name")): t["inputSchema"]
                 for t in listed
                 if isinstance(t, dict) and isinstance(t.get("inputSchema"), dict)
@@ -308,9 +309,6 @@ class StdioBackend(Backend):
     async def unsubscribe(self, session: Session, message: Message) -> Message:
         self.mux.unsubscribe(session, str((message.get("params") or {}).get("uri")))
         return {"jsonrpc": "2.0", "id": message["id"], "result": {}}
-
-    def tool_schema(self, name: str) -> dict[str, Any] | None:
-        return self._schemas.get(name)
 
     def abort(self, reason: str) -> None:
         self.mux.fail_all(reason)

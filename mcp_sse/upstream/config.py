@@ -1,6 +1,10 @@
-"""The servers file, in Claude Desktop's format, accepted unchanged.
+"""The servers file, in Claude Desktop's format, accepted unchanged, and remote servers as Claude
+Code, VS Code and Cursor write them.
 
-    {"mcpServers": {"time": {"command": "uvx", "args": ["mcp-server-time"], "env": {"TZ": "${TZ:-UTC}"}}}}
+    {"mcpServers": {
+      "time": {"command": "uvx", "args": ["mcp-server-time"], "env": {"TZ": "${TZ:-UTC}"}},
+      "docs": {"type": "http", "url": "https://mcp.example.com/mcp",
+               "headers": {"Authorization": "Bearer ${DOCS_TOKEN}"}}}}
 
 `${VAR}` and `${VAR:-default}` are expanded from the environment so secrets stay out of
 the file. Anything unexpected is an error that names the key and the file.
@@ -18,27 +22,39 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from ..settings import GATEWAY_SECRETS
 
-__all__ = ["ConfigError", "ServerSpec", "expand", "launch_problem", "load_servers", "resolve_command"]
+__all__ = [
+    "BreakerSpec",
+    "ConfigError",
+    "OAuth2Spec",
+    "ServerSpec",
+    "TlsSpec",
+    "expand",
+    "launch_problem",
+    "load_servers",
+    "resolve_command",
+]
 
 log = logging.getLogger("mcp_sse.upstream")
-SERVER_KEYS: Final = frozenset(
-    {
-        "command",
-        "args",
-        "env",
-        "cwd",
-        "timeout",
-        "module",
-        "isolation",
-        "max_sessions",
-        "idle_timeout",
-        "env_from_headers",
-    }
+_COMMON_KEYS: Final = frozenset({"timeout", "circuit_breaker"})
+_PER_SESSION_KEYS: Final = frozenset({"isolation", "max_sessions", "idle_timeout"})
+CHILD_KEYS: Final = _COMMON_KEYS | _PER_SESSION_KEYS | {"command", "args", "env", "cwd", "env_from_headers"}
+MODULE_KEYS: Final = _COMMON_KEYS | {"module"}
+REMOTE_KEYS: Final = (
+    _COMMON_KEYS | _PER_SESSION_KEYS | {"type", "url", "headers", "headers_from_request", "tls", "auth"}
 )
+SERVER_KEYS: Final = CHILD_KEYS | MODULE_KEYS | REMOTE_KEYS
+REMOTE_TYPES: Final = ("http", "sse", "ws")
+BREAKER_KEYS: Final = frozenset({"failureThreshold", "volumeThreshold", "timeout", "successThreshold"})
 _HEADER = re.compile(r"[A-Za-z0-9-]{1,64}")
+# Headers an upstream request sets itself; one named in "headers" would be ambiguous or unsafe.
+RESERVED_UPSTREAM_HEADERS: Final = frozenset(
+    {"host", "content-length", "content-type", "accept", "connection", "transfer-encoding", "upgrade"}
+    | {"mcp-session-id", "mcp-protocol-version", "last-event-id", "cookie"}
+)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _MODULE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 FORBIDDEN_FROM_HEADERS: Final = frozenset({"authorization", "cookie", "proxy-authorization"})
@@ -81,6 +97,38 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class BreakerSpec:
+    """The circuit breaker of one backend (seed 004's model and defaults): it opens after
+    `failure_threshold` failures among the last `volume_threshold` requests, fails fast while
+    open, lets one request through after `open_seconds`, and closes after `success_threshold`
+    successes in a row."""
+
+    enabled: bool = True
+    failure_threshold: int = 5
+    volume_threshold: int = 10
+    open_seconds: float = 60.0
+    success_threshold: int = 3
+
+
+@dataclass(frozen=True)
+class TlsSpec:
+    verify: bool = True
+    ca_file: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class OAuth2Spec:
+    """OAuth 2.0 client credentials (RFC 6749 4.4) for a remote backend; the token stays in memory."""
+
+    client_id: str
+    client_secret: str = field(repr=False)
+    token_url: str
+    scopes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ServerSpec:
     name: str
     command: str = ""
@@ -96,6 +144,21 @@ class ServerSpec:
     idle_timeout: float | None = None
     env_from_headers: Mapping[str, str] = field(default_factory=dict)
     """Request header -> child environment variable; per-session backends only."""
+    breaker: BreakerSpec = field(default_factory=BreakerSpec)
+    url: str | None = None
+    """A remote MCP server instead of a child."""
+    transport: str | None = None
+    """"http" (Streamable HTTP), "sse" (the 2024-11-05 transport) or "ws"; None: http, else sse."""
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """Sent upstream with every request (may hold credentials: never shown)."""
+    headers_from_request: Mapping[str, str] = field(default_factory=dict)
+    """Inbound request header -> upstream header; per-session remote backends only."""
+    tls: TlsSpec = field(default_factory=TlsSpec)
+    auth: OAuth2Spec | None = None
+
+    @property
+    def kind(self) -> str:
+        return "module" if self.module else "remote" if self.url else "child"
 
 
 def expand(value: str, environ: Mapping[str, str], where: str) -> str:
@@ -116,28 +179,42 @@ def _string(value: Any, where: str) -> str:
     return value
 
 
+def _number(entry: dict[str, Any], key: str, default: float, where: str, *, integer: bool = False) -> float:
+    value = entry.get(key, default)
+    kind = int if integer else int | float
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        noun = "a positive integer" if integer else "a positive number of seconds"
+        raise ConfigError(f"{where}.{key} must be {noun}")
+    return float(value)
+
+
 def _isolation(entry: dict[str, Any], where: str) -> dict[str, Any]:
     isolation = entry.get("isolation", "shared")
     if isolation not in ("shared", "per-session"):
         raise ConfigError(f'{where}.isolation must be "shared" or "per-session"')
-    per_session = {"max_sessions", "idle_timeout", "env_from_headers"} & set(entry)
+    per_session = {"max_sessions", "idle_timeout", "env_from_headers", "headers_from_request"} & set(entry)
     if isolation == "shared" and per_session:
-        # A shared child serves every caller: a per-caller value given to it would leak to all of them.
+        # A shared backend serves every caller: a per-caller value given to it would leak to all of them.
         raise ConfigError(f'{where}: {sorted(per_session)[0]!r} needs "isolation": "per-session"')
-    limit = entry.get("max_sessions", 10)
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ConfigError(f"{where}.max_sessions must be a positive integer")
-    idle = entry.get("idle_timeout")
-    if idle is not None and (isinstance(idle, bool) or not isinstance(idle, int | float) or idle <= 0):
-        raise ConfigError(f"{where}.idle_timeout must be a positive number of seconds")
-    mapping = entry.get("env_from_headers", {})
+    limit = int(_number(entry, "max_sessions", 10, where, integer=True))
+    idle = None if entry.get("idle_timeout") is None else _number(entry, "idle_timeout", 0, where)
+    return {"isolation": isolation, "max_sessions": limit, "idle_timeout": idle}
+
+
+def _header_map(entry: dict[str, Any], key: str, where: str) -> dict[str, str]:
+    """A caller's header names, lower-cased, to what they become; never a credential of the caller's."""
+    mapping = entry.get(key, {})
     if not isinstance(mapping, dict):
-        raise ConfigError(f"{where}.env_from_headers must map header names to environment variable names")
-    for header, variable in mapping.items():
+        raise ConfigError(f"{where}.{key} must map request header names to names")
+    for header in mapping:
         if not _HEADER.fullmatch(header) or header.lower() in FORBIDDEN_FROM_HEADERS:
-            raise ConfigError(
-                f"{where}.env_from_headers: {header[:64]!r} is not a header that may be passed on"
-            )
+            raise ConfigError(f"{where}.{key}: {header[:64]!r} is not a header that may be passed on")
+    return {h.lower(): v for h, v in mapping.items()}
+
+
+def _env_from_headers(entry: dict[str, Any], where: str) -> dict[str, str]:
+    mapping = _header_map(entry, "env_from_headers", where)
+    for header, variable in mapping.items():
         if not isinstance(variable, str) or not _ENV_NAME.fullmatch(variable) or variable in GATEWAY_SECRETS:
             raise ConfigError(f"{where}.env_from_headers.{header}: not an environment variable name")
         upper = variable.upper()
@@ -146,12 +223,174 @@ def _isolation(entry: dict[str, Any], where: str) -> dict[str, Any]:
                 f"{where}.env_from_headers.{header}: {variable} decides what the child runs or trusts;"
                 " a caller's header may not set it"
             )
+    return mapping
+
+
+def _breaker(entry: dict[str, Any], where: str) -> BreakerSpec:
+    value = entry.get("circuit_breaker", True)
+    if isinstance(value, bool):
+        return BreakerSpec(enabled=value)
+    where = f"{where}.circuit_breaker"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be false or an object of {', '.join(sorted(BREAKER_KEYS))}")
+    if unknown := set(value) - BREAKER_KEYS:
+        raise ConfigError(
+            f"{where}: unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(BREAKER_KEYS))})"
+        )
+    spec = BreakerSpec(
+        failure_threshold=int(_number(value, "failureThreshold", 5, where, integer=True)),
+        volume_threshold=int(_number(value, "volumeThreshold", 10, where, integer=True)),
+        open_seconds=_number(value, "timeout", 60.0, where),
+        success_threshold=int(_number(value, "successThreshold", 3, where, integer=True)),
+    )
+    if spec.failure_threshold > spec.volume_threshold:
+        raise ConfigError(f"{where}: failureThreshold cannot exceed volumeThreshold")
+    return spec
+
+
+def _strings(value: Any, where: str, environ: Mapping[str, str]) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be an object of strings")
+    return {str(k): expand(_string(v, f"{where}.{k}"), environ, f"{where}.{k}") for k, v in value.items()}
+
+
+def _file(value: Any, where: str, environ: Mapping[str, str]) -> str:
+    path = expand(_string(value, where), environ, where)
+    if not Path(path).is_file():
+        raise ConfigError(f"{where}: {path!r} is not a readable file")
+    return path
+
+
+def _url(value: Any, where: str, environ: Mapping[str, str]) -> str:
+    url = expand(_string(value, where), environ, where)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+        raise ConfigError(f"{where}: {url[:200]!r} is not an http(s):// or ws(s):// URL")
+    if parts.username or parts.password:
+        raise ConfigError(f'{where}: put credentials in "headers" or "auth", not in the URL')
+    return url
+
+
+def _remote(entry: dict[str, Any], where: str, environ: Mapping[str, str]) -> dict[str, Any]:
+    url = _url(entry["url"], f"{where}.url", environ)
+    scheme = urlsplit(url).scheme
+    transport = entry.get("type")
+    if transport is not None and transport not in REMOTE_TYPES:
+        raise ConfigError(f'{where}.type must be one of "http", "sse" or "ws" for a "url" entry')
+    if scheme in ("ws", "wss"):
+        if transport not in (None, "ws"):
+            raise ConfigError(f'{where}: a ws(s):// URL needs "type": "ws"')
+        transport = "ws"
+    elif transport == "ws":
+        raise ConfigError(f'{where}: "type": "ws" needs a ws:// or wss:// URL')
+    headers = _strings(entry.get("headers", {}), f"{where}.headers", environ)
+    for name in headers:
+        if not _HEADER.fullmatch(name) or name.lower() in RESERVED_UPSTREAM_HEADERS:
+            raise ConfigError(f"{where}.headers: {name[:64]!r} is set by the gateway itself")
+    forwarded = _header_map(entry, "headers_from_request", where)
+    for header, target in forwarded.items():
+        if (
+            not isinstance(target, str)
+            or not _HEADER.fullmatch(target)
+            or target.lower() in (RESERVED_UPSTREAM_HEADERS | {h.lower() for h in headers})
+        ):
+            raise ConfigError(
+                f"{where}.headers_from_request.{header}: {str(target)[:64]!r} is not a header to set"
+            )
+    tls = entry.get("tls", {})
+    if not isinstance(tls, dict) or set(tls) - {"verify", "ca_file", "cert", "key"}:
+        raise ConfigError(f'{where}.tls is an object of "verify", "ca_file", "cert" and "key"')
+    if not isinstance(tls.get("verify", True), bool):
+        raise ConfigError(f"{where}.tls.verify must be true or false")
+    if "key" in tls and "cert" not in tls:
+        raise ConfigError(f'{where}.tls: "key" needs "cert"')
+    tls_spec = TlsSpec(
+        verify=tls.get("verify", True),
+        **{k: _file(tls[k], f"{where}.tls.{k}", environ) for k in ("ca_file", "cert", "key") if k in tls},
+    )
     return {
-        "isolation": isolation,
-        "max_sessions": limit,
-        "idle_timeout": None if idle is None else float(idle),
-        "env_from_headers": {h.lower(): v for h, v in mapping.items()},
+        "url": url,
+        "transport": transport,
+        "headers": headers,
+        "headers_from_request": forwarded,
+        "tls": tls_spec,
+        "auth": _oauth2(entry["auth"], f"{where}.auth", environ) if "auth" in entry else None,
     }
+
+
+def _oauth2(value: Any, where: str, environ: Mapping[str, str]) -> OAuth2Spec:
+    allowed = {"type", "clientId", "clientSecret", "tokenUrl", "scopes"}
+    if not isinstance(value, dict) or value.get("type") != "oauth2":
+        raise ConfigError(
+            f'{where} must be {{"type": "oauth2", "clientId", "clientSecret", "tokenUrl", "scopes"}}'
+        )
+    if unknown := set(value) - allowed:
+        raise ConfigError(
+            f"{where}: unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(allowed))})"
+        )
+    for key in ("clientId", "clientSecret", "tokenUrl"):
+        if key not in value:
+            raise ConfigError(f"{where}.{key} is required")
+    token_url = _url(value["tokenUrl"], f"{where}.tokenUrl", environ)
+    if urlsplit(token_url).scheme not in ("http", "https"):
+        raise ConfigError(f"{where}.tokenUrl must be an http(s):// URL")
+    scopes = value.get("scopes", [])
+    if not isinstance(scopes, list) or not all(isinstance(x, str) and x and " " not in x for x in scopes):
+        raise ConfigError(f"{where}.scopes must be a list of scope names")
+    return OAuth2Spec(
+        client_id=expand(_string(value["clientId"], f"{where}.clientId"), environ, f"{where}.clientId"),
+        client_secret=expand(
+            _string(value["clientSecret"], f"{where}.clientSecret"), environ, f"{where}.clientSecret"
+        ),
+        token_url=token_url,
+        scopes=tuple(scopes),
+    )
+
+
+def _child(entry: dict[str, Any], where: str, environ: Mapping[str, str]) -> dict[str, Any]:
+    command = expand(_string(entry["command"], f"{where}.command"), environ, f"{where}.command")
+    args = entry.get("args", [])
+    if not isinstance(args, list):
+        raise ConfigError(f"{where}.args must be a list of strings")
+    cwd = entry.get("cwd")
+    return {
+        "command": command,
+        "args": tuple(
+            expand(_string(a, f"{where}.args[{i}]"), environ, f"{where}.args[{i}]")
+            for i, a in enumerate(args)
+        ),
+        "env": _strings(entry.get("env", {}), f"{where}.env", environ),
+        "cwd": None if cwd is None else expand(_string(cwd, f"{where}.cwd"), environ, f"{where}.cwd"),
+        "env_from_headers": _env_from_headers(entry, where),
+    }
+
+
+def _spec(name: str, entry: dict[str, Any], where: str, environ: Mapping[str, str]) -> ServerSpec:
+    kinds = [k for k in ("command", "module", "url") if k in entry]
+    if len(kinds) != 1:
+        raise ConfigError(
+            f'{where}: give exactly one of "command" (a child), "module" (in-process tools)'
+            ' or "url" (a remote server)'
+        )
+    allowed = {"command": CHILD_KEYS, "module": MODULE_KEYS, "url": REMOTE_KEYS}[kinds[0]]
+    if unknown := set(entry) - allowed:
+        raise ConfigError(
+            f"{where}: unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(allowed))})"
+        )
+    common: dict[str, Any] = {
+        "name": name,
+        "timeout": _number(entry, "timeout", 60.0, where),
+        "breaker": _breaker(entry, where),
+    }
+    if "module" in entry:
+        module = _string(entry["module"], f"{where}.module")
+        if not _MODULE.fullmatch(module):
+            raise ConfigError(f'{where}: "module" is "package.module:toolset"')
+        return ServerSpec(module=module, **common)
+    isolation = _isolation(entry, where)
+    if "url" in entry:
+        return ServerSpec(**common, **isolation, **_remote(entry, where, environ))
+    return ServerSpec(**common, **isolation, **_child(entry, where, environ))
 
 
 def load_servers(path: str | Path, environ: Mapping[str, str] | None = None) -> list[ServerSpec]:
@@ -175,51 +414,7 @@ def load_servers(path: str | Path, environ: Mapping[str, str] | None = None) -> 
             raise ConfigError(f"{where}: a server name is 1-64 letters, digits, '_', '-' or '.'")
         if not isinstance(entry, dict):
             raise ConfigError(f"{where} must be an object")
-        unknown = set(entry) - SERVER_KEYS
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(SERVER_KEYS))})"
-            )
-        if ("command" in entry) == ("module" in entry):
-            raise ConfigError(
-                f'{where}: give exactly one of "command" (a child) or "module" (in-process tools)'
-            )
-        if "module" in entry:
-            module = _string(entry["module"], f"{where}.module")
-            if not _MODULE.fullmatch(module) or set(entry) - {"module", "timeout"}:
-                raise ConfigError(
-                    f'{where}: "module" is "package.module:toolset", with no other key but "timeout"'
-                )
-            specs.append(ServerSpec(name=name, module=module, timeout=float(entry.get("timeout", 60.0))))
-            continue
-        command = expand(_string(entry["command"], f"{where}.command"), environ, f"{where}.command")
-        args = entry.get("args", [])
-        if not isinstance(args, list):
-            raise ConfigError(f"{where}.args must be a list of strings")
-        env = entry.get("env", {})
-        if not isinstance(env, dict):
-            raise ConfigError(f"{where}.env must be an object of strings")
-        cwd = entry.get("cwd")
-        timeout = entry.get("timeout", 60.0)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ConfigError(f"{where}.timeout must be a positive number of seconds")
-        specs.append(
-            ServerSpec(
-                name=name,
-                command=command,
-                args=tuple(
-                    expand(_string(a, f"{where}.args[{i}]"), environ, f"{where}.args[{i}]")
-                    for i, a in enumerate(args)
-                ),
-                env={
-                    k: expand(_string(v, f"{where}.env.{k}"), environ, f"{where}.env.{k}")
-                    for k, v in env.items()
-                },
-                cwd=None if cwd is None else expand(_string(cwd, f"{where}.cwd"), environ, f"{where}.cwd"),
-                timeout=float(timeout),
-                **_isolation(entry, where),
-            )
-        )
+        specs.append(_spec(name, entry, where, environ))
     if not specs:
         raise ConfigError(f"{path}: mcpServers is empty")
     return specs

@@ -1,5 +1,6 @@
-"""Per-session isolation: a child of its own for each client session, for servers that keep
-per-caller state or must receive per-caller values (a header mapped into the child's env).
+"""Per-session isolation: a backend of its own (a child, or an upstream session of a remote server)
+for each client session, for servers that keep per-caller state or must receive per-caller values
+(a header mapped into the child's env, or into the remote's request headers).
 
 Children start when a session initializes and are reaped when it ends, or when it has been
 idle for the backend's `idle_timeout`. At most `max_sessions` run at once; the next session
@@ -18,12 +19,12 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from ..protocol.jsonrpc import INTERNAL_ERROR, Message, error_response
 from ..protocol.session import Session
-from .backend import READY_WAIT, Backend, StdioBackend
+from .backend import READY_WAIT, Backend
 from .config import ServerSpec
 
 __all__ = ["PerSessionBackend"]
@@ -33,19 +34,20 @@ REAP_INTERVAL: Final = 1.0
 
 
 class PerSessionBackend(Backend):
-    def __init__(self, spec: ServerSpec, *, max_line: int, base_env: Mapping[str, str]) -> None:
+    def __init__(
+        self, spec: ServerSpec, *, make: Callable[[ServerSpec], Backend], base_env: Mapping[str, str]
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.name = spec.name
-        self.max_children = spec.max_sessions
+        self.max_children = spec.max_sessions if spec.url is None else 0
         self.timeout = spec.timeout
-        self.max_line = max_line
+        self.make = make
         self.base_env = dict(base_env)
-        self.children: dict[str, tuple[Session, StdioBackend]] = {}
+        self.children: dict[str, tuple[Session, Backend]] = {}
         self._stopping: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
-        self._schemas: dict[str, dict[str, Any]] = {}
 
     async def start(self) -> None:
         self._probe = asyncio.create_task(self._learn(), name=f"backend-{self.name}-probe")
@@ -54,7 +56,7 @@ class PerSessionBackend(Backend):
 
     async def _learn(self) -> None:
         """Start one child, keep what it offers, stop it; "starting" until then, as a shared backend is."""
-        child = StdioBackend(self.spec, max_line=self.max_line, base_env=self.base_env)
+        child = self.make(self.spec)
         try:
             await child.start()
             if await child.wait_ready(READY_WAIT):
@@ -67,13 +69,13 @@ class PerSessionBackend(Backend):
             self.state = "running"  # ready to start children; each child has its own state
             self._ready.set()
 
-    def _learn_from(self, child: StdioBackend) -> None:
+    def _learn_from(self, child: Backend) -> None:
         self.capabilities = child.capabilities
         self.server_info = child.server_info
         self.instructions = child.instructions
         # SECURITY: a 2026-07-28 call is checked (inputSchema, Mcp-Param-*) before its child exists:
         # without what was learned here its arguments would reach the backend unchecked.
-        self._schemas = {**self._schemas, **child._schemas}
+        self.schemas = {**self.schemas, **child.schemas}
 
     async def _reap_idle(self, idle: float) -> None:
         while True:
@@ -90,14 +92,17 @@ class PerSessionBackend(Backend):
         if len(self.children) >= self.spec.max_sessions:
             limit = self.spec.max_sessions
             return f"backend {self.name!r}: all {limit} per-session children are in use; retry later"
-        # Only here, in a child of its own, may a caller's header become part of the environment.
-        extra = {
-            var: session.http_headers[h]
-            for h, var in self.spec.env_from_headers.items()
-            if h in session.http_headers
-        }
-        spec = dataclasses.replace(self.spec, env={**self.spec.env, **extra})
-        child = StdioBackend(spec, max_line=self.max_line, base_env=self.base_env)
+
+        # Only here, in a backend of its own, may a caller's header reach the child or the remote.
+        def mapped(mapping: Mapping[str, str]) -> dict[str, str]:
+            return {name: session.http_headers[h] for h, name in mapping.items() if h in session.http_headers}
+
+        spec = dataclasses.replace(
+            self.spec,
+            env={**self.spec.env, **mapped(self.spec.env_from_headers)},
+            headers={**self.spec.headers, **mapped(self.spec.headers_from_request)},
+        )
+        child = self.make(spec)
         self.children[session.id] = (session, child)
         await child.start()
         if not await child.wait_ready(READY_WAIT):
@@ -106,7 +111,7 @@ class PerSessionBackend(Backend):
         self._learn_from(child)
         return None
 
-    def _child(self, session: Session) -> StdioBackend | None:
+    def _child(self, session: Session) -> Backend | None:
         entry = self.children.get(session.id)
         return entry[1] if entry else None
 
@@ -133,9 +138,6 @@ class PerSessionBackend(Backend):
     def revive(self) -> int:
         # A child fails alone, for its one session: each failed one starts again for the same session.
         return sum(child.revive() for _, child in list(self.children.values()))
-
-    def tool_schema(self, name: str) -> dict[str, Any] | None:
-        return self._schemas.get(name)
 
     def notify(self, session: Session, message: Message) -> None:
         if child := self._child(session):
