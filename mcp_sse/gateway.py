@@ -250,9 +250,7 @@ class Gateway:
             return error_response(request_id, INVALID_REQUEST, "Invalid Request: session already initialized")
         params: dict[str, Any] = message.get("params") or {}
         if not await self.backend.wait_ready(READY_WAIT):
-            return error_response(
-                request_id, INTERNAL_ERROR, f"backend {self.name!r} is {self.backend.state}"
-            )
+            return error_response(request_id, INTERNAL_ERROR, self._unavailable())
         if (problem := await self.backend.open_session(session)) is not None:
             return error_response(request_id, INTERNAL_ERROR, problem)
         if session.closed:  # the client left while its backend was being prepared
@@ -293,9 +291,7 @@ class Gateway:
         method = message["method"]
         if method == "server/discover":
             if not await self.backend.wait_ready(READY_WAIT):
-                return error_response(
-                    message["id"], INTERNAL_ERROR, f"backend {self.name!r} is {self.backend.state}"
-                )
+                return error_response(message["id"], INTERNAL_ERROR, self._unavailable())
             reply = result_response(message["id"], self.discover())
         elif method in ("initialize", "logging/setLevel"):
             return error_response(
@@ -325,6 +321,10 @@ class Gateway:
         if self.backend.instructions:
             result["instructions"] = self.backend.instructions
         return result
+
+    def _unavailable(self) -> str:
+        why = f": {self.backend.last_error}" if self.backend.last_error else ""
+        return f"backend {self.name!r} is {self.backend.state}{why}"
 
     def _server_info(self) -> dict[str, str]:
         return {

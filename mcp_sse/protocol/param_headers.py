@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from multidict import CIMultiDictProxy
 
-__all__ = ["decode_header_value", "param_header_problem"]
+__all__ = ["decode_header_value", "encode_header_value", "param_header_problem", "param_headers"]
 
 ANNOTATION: Final = "x-mcp-header"
 PREFIX: Final = "Mcp-Param-"
@@ -110,3 +110,26 @@ def param_header_problem(
         if _agrees(kind, value, text) is False:
             return f"{name} header does not match argument {where!r}"
     return None
+
+
+def encode_header_value(text: str) -> str:
+    """`text` as a header value: as is when HTTP can carry it, else in the `=?base64?...?=` form."""
+    plain = text.isascii() and text.isprintable() and text == text.strip() and not _SENTINEL.fullmatch(text)
+    return text if plain else f"=?base64?{base64.b64encode(text.encode()).decode()}?="
+
+
+def param_headers(schema: Mapping[str, Any], arguments: Any) -> dict[str, str]:
+    """The `Mcp-Param-*` headers a conforming client sends with this tools/call (the gateway as the
+    client of a 2026-07-28 remote); none for a schema whose annotations are invalid."""
+    headers = {}
+    for path, header, kind in _headers_of(schema) or ():
+        value = _argument(arguments, path)
+        if value is _MISSING:
+            continue
+        if kind == "boolean" and isinstance(value, bool):
+            headers[PREFIX + header] = "true" if value else "false"
+        elif kind == "integer" and isinstance(value, int | float) and not isinstance(value, bool):
+            headers[PREFIX + header] = str(int(value))
+        elif isinstance(value, str):
+            headers[PREFIX + header] = encode_header_value(value)
+    return headers

@@ -28,7 +28,7 @@ from ..protocol.jsonrpc import (
 )
 from . import guard
 
-__all__ = ["EXCERPT", "MAX_DEPTH", "ChildProcess", "decode", "excerpt"]
+__all__ = ["EXCERPT", "MAX_DEPTH", "ChildProcess", "accept", "decode", "excerpt"]
 
 log = logging.getLogger("mcp_sse.upstream")
 STDOUT_GRACE = 1.0
@@ -225,46 +225,13 @@ class ChildProcess:
             await asyncio.sleep(0)
 
     def _dispatch(self, line: bytes) -> None:
-        """Route one line; a line that is not a valid JSON-RPC message is dropped with one warning
-        naming the problem (and quoting the line's start), and the child serves on."""
-        if not line.strip():
-            return
-        try:
-            value = decode(line)
-        except ValueError as exc:
-            log.warning(
-                "backend %s wrote a line that is not JSON (%s); dropped: %s", self.name, exc, excerpt(line)
-            )
-            return
-        try:
-            message = validate_message(value)
-        except ProtocolError as exc:
-            self._refuse(value, exc.message.removeprefix("Invalid Request: "), line)
-            return
-        if "error" in message and not isinstance(message["error"].get("message"), str):
-            self._refuse(message, '"error" needs a string "message"', line)
+        message = accept(self.name, line, reply=self.write, on_refused=self.on_refused, what="a line")
+        if message is None:
             return
         try:
             self.on_message(message)
         except Exception:  # a bug of ours, not the child's: its traceback is what fixes it
             log.exception("backend %s: failed to route a message: %s", self.name, excerpt(line))
-
-    def _refuse(self, value: Any, problem: str, line: bytes) -> None:
-        log.warning(
-            "backend %s wrote JSON that is not a JSON-RPC message (%s); dropped: %s",
-            self.name,
-            problem,
-            excerpt(line),
-        )
-        if not isinstance(value, dict) or not _is_id(request_id := value.get("id")):
-            return
-        if "method" in value:
-            # A request with an id we can answer: it learns why, instead of waiting for ever.
-            with contextlib.suppress(ConnectionError):
-                self.write(error_response(request_id, INVALID_REQUEST, f"Invalid Request: {problem}"))
-        else:
-            # An answer to a request of ours: its caller gets an error now, not a timeout later.
-            self.on_refused(request_id, f"sent an invalid answer: {problem}")
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
         child_log = logging.getLogger(f"mcp_sse.backend.{self.name}")
@@ -302,6 +269,45 @@ class ChildProcess:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, sig)
+
+
+def accept(
+    name: str,
+    raw: bytes,
+    *,
+    reply: Callable[[Message], None],
+    on_refused: Callable[[str | int, str], None],
+    what: str,
+) -> Message | None:
+    """One message a backend sent (a child's line, a remote's body or event), or None: what is not
+    a valid JSON-RPC message is dropped with one warning naming the problem (and quoting its start),
+    and the backend serves on. A request we can answer learns why; an answer to one of ours fails
+    that request now instead of leaving it to time out."""
+    if not raw.strip():
+        return None
+    try:
+        value = decode(raw)
+    except ValueError as exc:
+        log.warning("backend %s sent %s that is not JSON (%s); dropped: %s", name, what, exc, excerpt(raw))
+        return None
+    try:
+        message = validate_message(value)
+    except ProtocolError as exc:
+        problem = exc.message.removeprefix("Invalid Request: ")
+    else:
+        if "error" not in message or isinstance(message["error"].get("message"), str):
+            return message
+        problem = '"error" needs a string "message"'
+    log.warning(
+        "backend %s sent JSON that is not a JSON-RPC message (%s); dropped: %s", name, problem, excerpt(raw)
+    )
+    if isinstance(value, dict) and _is_id(request_id := value.get("id")):
+        if "method" in value:
+            with contextlib.suppress(ConnectionError):
+                reply(error_response(request_id, INVALID_REQUEST, f"Invalid Request: {problem}"))
+        else:
+            on_refused(request_id, f"sent an invalid answer: {problem}")
+    return None
 
 
 def _is_id(value: Any) -> TypeGuard[str | int]:

@@ -229,6 +229,11 @@ class Multiplexer:
             )
         self._server_requests.clear()
 
+    def waiting(self, upstream_id: object) -> bool:
+        """Whether a request we sent under this id still waits for its answer."""
+        pending = self._pending.get(upstream_id) if isinstance(upstream_id, int) else None
+        return pending is not None and not pending.future.done()
+
     def fail_one(self, upstream_id: object, reason: str) -> None:
         pending = self._pending.get(upstream_id) if isinstance(upstream_id, int) else None
         if pending is not None and not pending.future.done():

@@ -126,7 +126,31 @@ def summarize(topic: str) -> str:
     return f"Summarize {topic}."
 
 
+def serve_http(argv: list[str]) -> None:
+    """Serve over HTTP as a remote server: `--http [--sse] [--stateless] [--port N]` on 127.0.0.1.
+    Binds first, then says `listening on <url>` on stderr, as the gateway does, so a test knows the port."""
+    import socket
+
+    import uvicorn
+
+    port = int(argv[argv.index("--port") + 1]) if "--port" in argv else 0
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
+    if "--sse" in argv:
+        app, path = server.sse_app(host="127.0.0.1"), "/sse"
+    else:
+        app, path = server.streamable_http_app(host="127.0.0.1", stateless_http="--stateless" in argv), "/mcp"
+    config = uvicorn.Config(app, log_level="warning", lifespan="on")
+    print(f"listening on http://127.0.0.1:{sock.getsockname()[1]}{path}", file=sys.stderr, flush=True)
+    asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+
+
 if __name__ == "__main__":
+    if "--http" in sys.argv:
+        serve_http(sys.argv)
+        sys.exit(0)
     if "--garbage-first" in sys.argv:
         print("this is not json", flush=True)
     server.run("stdio")
