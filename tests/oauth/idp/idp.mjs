@@ -11,9 +11,17 @@
 //   IDP_PORT            port to listen on (default: a free one)
 //
 // On stdout, once listening: `listening on <issuer>`.
+// Clients:
+//   mcp-test     client_secret_post, secret IDP_CLIENT_SECRET; no default resource (a token without
+//                `resource=` is opaque)
+//   mcp-gateway  client_secret_basic only, secret IDP_CLIENT_SECRET + GATEWAY_SECRET_SUFFIX (characters
+//                RFC 6749 2.3.1's form-urlencoding must escape); its tokens default to the resource set
+//                by /_admin/default-resource, as a gateway's client credentials name no resource
 // Outside the issuer (test harness only, never part of the provider):
 //   POST /_admin/rotate?keep=1   new signing keys; with keep=1 the old keys stay in the JWKS
-//   GET  /_admin/stats           {"jwks_hits": n, "kids": [...]}: how often the JWKS was fetched
+//   GET  /_admin/stats           {"jwks_hits": n, "kids": [...], "gateway_tokens": n}: how often the JWKS
+//                                was fetched, how many token requests mcp-gateway made
+//   POST /_admin/default-resource?resource=<url>   mcp-gateway's default resource (none: unset)
 import * as crypto from 'node:crypto';
 import * as http from 'node:http';
 
@@ -29,6 +37,9 @@ const mount = (process.env.IDP_PATH || '').replace(/\/+$/, '');
 const ttl = Number.parseInt(process.env.IDP_TTL || '300', 10);
 const alg = process.env.IDP_ALG || 'RS256';
 const SCOPES = 'mcp:admin mcp:operator mcp:viewer files:read';
+const GATEWAY_SECRET_SUFFIX = ':+ %&=/'; // the Python harness adds the same suffix
+let gatewayResource; // mcp-gateway's default resource, set by /_admin/default-resource
+let gatewayTokens = 0;
 
 let generation = 0;
 
@@ -63,6 +74,15 @@ function buildProvider(issuer, keys) {
         token_endpoint_auth_method: 'client_secret_post',
         scope: SCOPES,
       },
+      {
+        client_id: 'mcp-gateway',
+        client_secret: clientSecret + GATEWAY_SECRET_SUFFIX,
+        grant_types: ['client_credentials'],
+        response_types: [],
+        redirect_uris: [],
+        token_endpoint_auth_method: 'client_secret_basic',
+        scope: SCOPES,
+      },
     ],
     // The newest keys come first: oidc-provider signs with the first key that fits the
     // algorithm (its selection sort is stable) and publishes them all, so a kept old key
@@ -76,7 +96,9 @@ function buildProvider(issuer, keys) {
       revocation: { enabled: false },
       resourceIndicators: {
         enabled: true,
-        defaultResource: async () => undefined,
+        // Only mcp-gateway has one: mcp-test's resource-less requests must stay opaque.
+        defaultResource: async (ctx, client, oneOf) =>
+          oneOf || (client?.clientId === 'mcp-gateway' ? gatewayResource : undefined),
         useGrantedResource: async () => false,
         getResourceServerInfo: async () => ({
           scope: SCOPES,
@@ -100,7 +122,11 @@ const server = http.createServer((req, res) => {
   if (url.pathname.startsWith('/_admin/')) {
     if (req.headers['x-admin-token'] !== adminToken) return json(res, 403, { error: 'forbidden' });
     if (req.method === 'GET' && url.pathname === '/_admin/stats') {
-      return json(res, 200, { jwks_hits: jwksHits, kids: currentKeys.map((k) => k.kid) });
+      return json(res, 200, { jwks_hits: jwksHits, kids: currentKeys.map((k) => k.kid), gateway_tokens: gatewayTokens });
+    }
+    if (req.method === 'POST' && url.pathname === '/_admin/default-resource') {
+      gatewayResource = url.searchParams.get('resource') || undefined;
+      return json(res, 200, { resource: gatewayResource ?? null });
     }
     if (req.method === 'POST' && url.pathname === '/_admin/rotate') {
       const keep = url.searchParams.get('keep') === '1';
@@ -117,6 +143,11 @@ const server = http.createServer((req, res) => {
     path = path.slice(mount.length) || '/';
   }
   if (path === '/jwks') jwksHits += 1;
+  // Basic credentials name the client: count mcp-gateway's token requests (the cache is measured by them).
+  if (path === '/token' && /^basic /i.test(req.headers.authorization || '')) {
+    const basic = Buffer.from(req.headers.authorization.slice(6), 'base64').toString();
+    if (basic.startsWith('mcp-gateway:')) gatewayTokens += 1;
+  }
   return current(req, res);
 });
 
