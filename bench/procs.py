@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Any, Final
 
 from cryptography.fernet import Fernet
 
@@ -175,9 +175,11 @@ class Processes:
         source: Path | None = None,
         wrapper: list[str] | None = None,
         ready_timeout: float = 60.0,
+        backend: dict[str, Any] | None = None,
     ) -> Gateway:
         """Our gateway; `source` is a directory holding another copy of `mcp_sse` to run instead;
-        `wrapper` a command that runs it (valgrind, for `python -m bench.instructions`)."""
+        `wrapper` a command that runs it (valgrind, for `python -m bench.instructions`); `backend`
+        its servers-file entry (default: the child)."""
         port, token = free_port(), Fernet.generate_key().decode()
         env = {
             "AUTH_TOKEN": token,
@@ -191,7 +193,7 @@ class Processes:
         # This checkout's package (or the candidate's), whatever is installed in the environment.
         path = [str(source or HERE.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
         env["PYTHONPATH"] = os.pathsep.join(path)
-        servers = {"mcpServers": {"time": {"command": CHILD[0], "args": CHILD[1:]}}}
+        servers = {"mcpServers": {"time": backend or {"command": CHILD[0], "args": CHILD[1:]}}}
         servers_file.write_text(json.dumps(servers))
         cmd = [*(wrapper or []), sys.executable, "-m", "mcp_sse", "--host", HOST, "--port", str(port)]
         process = self.spawn(name, [*cmd, "--config", str(servers_file)], env)

@@ -53,8 +53,10 @@ def columns(data: dict[str, Any]) -> tuple[list[str], list[tuple[str, str]]]:
     """The gateways measured, in display order, and the ratios shown: (numerator, denominator)."""
     seen = {label.split()[0] for phase in ("serial", "concurrent", "raw") for label in data.get(phase, {})}
     seen |= set(data.get("idle", {}))
-    names = [n for n in ("ours", "candidate", *PEERS, "stdio") if n in seen]
-    ratios = [("ours", n) for n in names if n not in ("ours", "candidate")]
+    names = [n for n in ("ours", "candidate", "ours-remote", *PEERS, "stdio") if n in seen]
+    ratios = [("ours", n) for n in names if n not in ("ours", "candidate", "ours-remote")]
+    if "ours-remote" in names and "supergateway" in names:
+        ratios.append(("ours-remote", "supergateway"))
     if "candidate" in names:
         ratios.append(("candidate", "ours"))
     return names, ratios

@@ -158,7 +158,17 @@ async def _run(args: argparse.Namespace, peers: list[str], processes: Processes,
     if args.candidate is not None:
         gateways.append(processes.ours(tmp / "candidate.json", "candidate", args.candidate.resolve()))
     if "supergateway" in peers:
-        gateways += [processes.supergateway("sse"), processes.supergateway("mcp")]
+        upstream = processes.supergateway("mcp")
+        gateways += [processes.supergateway("sse"), upstream]
+        # Ours with a remote backend: supergateway's Streamable HTTP, so `ours-remote` against
+        # `supergateway` is what putting our gateway in front of a remote server costs.
+        remote = processes.ours(
+            tmp / "remote.json", "ours-remote", backend={"type": "http", "url": upstream.url("mcp")}
+        )
+        remote.note = (
+            "ours-remote: our gateway with supergateway's Streamable HTTP (mcp) as its remote backend"
+        )
+        gateways.append(remote)
     if "mcp-proxy" in peers:
         gateways.append(processes.mcp_proxy())
     for gateway in gateways:

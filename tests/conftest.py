@@ -83,10 +83,17 @@ async def start_gateway(
 
 @asynccontextmanager
 async def mcp_client(
-    url: str, token: str, *, transport: str = "streamable", mode: str = "legacy", **kwargs: Any
+    url: str,
+    token: str,
+    *,
+    transport: str = "streamable",
+    mode: str = "legacy",
+    headers: dict[str, str] | None = None,
+    **kwargs: Any,
 ) -> AsyncIterator[Client]:
-    """The official SDK client, over Streamable HTTP (`url` + /mcp) or legacy SSE (`url` + /sse)."""
-    headers = {"Authorization": f"Bearer {token}"}
+    """The official SDK client, over Streamable HTTP (`url` + /mcp) or legacy SSE (`url` + /sse),
+    sending `headers` besides its bearer token."""
+    headers = {"Authorization": f"Bearer {token}", **(headers or {})}
     if transport == "sse":
         async with Client(sse_client(f"{url}/sse", headers=headers), mode=mode, **kwargs) as client:
             yield client

@@ -53,7 +53,7 @@ _HEADER = re.compile(r"[A-Za-z0-9-]{1,64}")
 # Headers an upstream request sets itself; one named in "headers" would be ambiguous or unsafe.
 RESERVED_UPSTREAM_HEADERS: Final = frozenset(
     {"host", "content-length", "content-type", "accept", "connection", "transfer-encoding", "upgrade"}
-    | {"mcp-session-id", "mcp-protocol-version", "last-event-id", "cookie"}
+    | {"mcp-session-id", "mcp-protocol-version", "last-event-id"}
 )
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _MODULE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
@@ -287,6 +287,8 @@ def _remote(entry: dict[str, Any], where: str, environ: Mapping[str, str]) -> di
     for name in headers:
         if not _HEADER.fullmatch(name) or name.lower() in RESERVED_UPSTREAM_HEADERS:
             raise ConfigError(f"{where}.headers: {name[:64]!r} is set by the gateway itself")
+    if "auth" in entry and any(name.lower() == "authorization" for name in headers):
+        raise ConfigError(f'{where}: give the credential in "auth" or as an Authorization header, not both')
     forwarded = _header_map(entry, "headers_from_request", where)
     for header, target in forwarded.items():
         if (

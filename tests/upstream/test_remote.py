@@ -304,14 +304,8 @@ async def test_a_killed_remote_fails_calls_in_flight_at_once_and_is_reconnected(
             await in_flight  # never a hang: the lost connection fails it
         restarted = await sdk_remote(*flags, "--port", port)
         assert restarted.url == remote.url
-
-        async def works() -> bool:
-            try:
-                return text_of(await client.call_tool("echo", {"text": "after"})) == "after"
-            except MCPError:
-                return False  # not reconnected yet: a clear error, at once
-
-        await wait_for(works)
+        await wait_for(lambda: state_is(gw, "remote", "running"))  # reconnected by itself
+        assert text_of(await client.call_tool("echo", {"text": "after"})) == "after"
     assert (await servers_status(gw))["remote"]["state"] == "running"
 
 
@@ -472,3 +466,84 @@ async def test_garbage_oversized_and_endless_answers_are_bounded(
         with pytest.raises(MCPError, match=expected):
             await client.call_tool(tool, {})
         assert text_of(await client.call_tool("echo", {"text": "after"})) == "after"
+
+
+# -- both client eras, per-session upstreams, outbound safety ----------------------------------
+
+
+@pytest.mark.parametrize("flags", [(), ("--sse",)], ids=["remote-2026", "remote-session"])
+async def test_a_2026_client_through_the_gateway_to_either_era_of_remote(
+    start_gateway: StartGateway, sdk_remote: Any, flags: tuple[str, ...]
+) -> None:
+    remote = await sdk_remote(*flags)
+    gw = await start_gateway({"remote": {"type": "sse" if flags else "http", "url": remote.url}})
+    async with mcp_client(gw.url, gw.token, mode="auto") as client:
+        assert text_of(await client.call_tool("echo", {"text": "modern client"})) == "modern client"
+        assert text_of(await client.call_tool("add", {"a": 1, "b": 2})) == "3"
+
+
+async def test_per_session_remotes_get_the_callers_mapped_header_and_never_its_credentials(
+    start_gateway: StartGateway, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    """Each client session gets an upstream session of its own, initialized with the header the
+    operator mapped; the caller's Authorization never goes upstream."""
+    seen: list[dict[str, str]] = []
+    server = Misbehaving()
+    app = server.app()
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        seen.append({k.lower(): v for k, v in request.headers.items()})
+        return await handler(request)
+
+    app.middlewares.append(record)
+    running = await aiohttp_server(app, host="127.0.0.1")
+    entry = {
+        "type": "http",
+        "url": str(running.make_url("/mcp")),
+        "isolation": "per-session",
+        "headers": {"X-Api-Key": "operator-key"},
+        "headers_from_request": {"X-Tenant": "X-Upstream-Tenant"},
+    }
+    gw = await start_gateway({"remote": entry})
+    async with (
+        mcp_client(gw.url, gw.token, headers={"X-Tenant": "blue"}) as blue,
+        mcp_client(gw.url, gw.token, headers={"X-Tenant": "green"}) as green,
+    ):
+        assert text_of(await blue.call_tool("echo", {"text": "b"})) == "b"
+        assert text_of(await green.call_tool("echo", {"text": "g"})) == "g"
+    by_session: dict[str, set[str | None]] = {}
+    for h in seen:
+        if "mcp-session-id" in h:
+            by_session.setdefault(h["mcp-session-id"], set()).add(h.get("x-upstream-tenant"))
+    # One upstream session per client session, each with its own caller's value and no other's
+    # (the one without a tenant is the gateway's own, which learned the tools at start).
+    assert sorted(by_session.values(), key=str) == [{"blue"}, {"green"}, {None}]
+    assert all(h.get("x-api-key") == "operator-key" for h in seen)
+    # SECURITY: no token passthrough (MCP forbids it).
+    assert not any(gw.token in json.dumps(h) for h in seen)
+
+
+async def test_a_redirect_is_not_followed_to_another_server(
+    start_gateway: StartGateway, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    hits: list[str] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(status=500)
+
+    target = web.Application()
+    target.router.add_route("*", "/{tail:.*}", elsewhere)
+    other = await aiohttp_server(target, host="127.0.0.2")
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(str(other.make_url("/mcp")))
+
+    source = web.Application()
+    source.router.add_route("*", "/mcp", redirect)
+    first = await aiohttp_server(source, host="127.0.0.1")
+    gw = await start_gateway({"remote": {"type": "http", "url": str(first.make_url("/mcp"))}})
+    await wait_for(lambda: state_is(gw, "remote", "disconnected", "failed"))
+    assert "redirect (HTTP 307), which is not followed" in (await servers_status(gw))["remote"]["last_error"]
+    assert hits == []
