@@ -329,11 +329,13 @@ class Misbehaving:
     initialized: int = 0
     received: list[dict[str, Any]] = field(default_factory=list)
     counter: int = 0
+    resumed: list[str] = field(default_factory=list)
+    held: dict[str, Any] = field(default_factory=dict)  # event id -> the request it belongs to
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/mcp", self.post)
-        app.router.add_get("/mcp", self.status(405))
+        app.router.add_get("/mcp", self.get)
         app.router.add_delete("/mcp", self.status(200))
         return app
 
@@ -343,6 +345,23 @@ class Misbehaving:
             return web.Response(status=code)
 
         return handler
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        """405 (no stream of its own), except a resumption of a stream it ended early."""
+        last = request.headers.get("Last-Event-ID")
+        if last not in self.held:
+            return web.Response(status=405)
+        self.resumed.append(last)
+        message = self.held.pop(last)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        answer = {
+            "jsonrpc": "2.0",
+            "id": message["id"],
+            "result": {"content": [{"type": "text", "text": "resumed"}]},
+        }
+        await response.write(f"id: r2\ndata: {json.dumps(answer)}\n\n".encode())
+        return response
 
     async def post(self, request: web.Request) -> web.StreamResponse:
         message = await request.json()
@@ -397,6 +416,15 @@ class Misbehaving:
             return web.Response(text="this is { not json", content_type="application/json")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if name == "resumable":  # one event with an id, then the stream ends before the answer
+            self.held["r1"] = message
+            note = {
+                "jsonrpc": "2.0",
+                "method": "notifications/message",
+                "params": {"level": "info", "data": "x"},
+            }
+            await response.write(f"id: r1\ndata: {json.dumps(note)}\n\n".encode())
+            return response
         if name == "huge":
             await response.write(b"data: " + b"x" * 300_000 + b"\n\n")
             return response
@@ -430,6 +458,16 @@ async def test_a_forgotten_session_is_initialized_again_and_the_call_sent_again(
         assert text_of(await client.call_tool("echo", {"text": "two"})) == "two"
         assert server.initialized == 2
     assert (await servers_status(gw))["remote"]["era"] == "session"
+
+
+async def test_an_answer_stream_that_ends_early_is_resumed_with_last_event_id(
+    start_gateway: StartGateway, misbehaving: tuple[Misbehaving, str]
+) -> None:
+    server, url = misbehaving
+    gw = await start_gateway({"remote": {"type": "http", "url": url}})
+    async with mcp_client(gw.url, gw.token) as client:
+        assert text_of(await client.call_tool("resumable", {})) == "resumed"
+    assert server.resumed == ["r1"]
 
 
 async def test_a_stalled_call_times_out_and_is_cancelled_upstream(
