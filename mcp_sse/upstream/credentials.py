@@ -40,8 +40,9 @@ DEFAULT_EXPIRES_IN: Final = 3600.0
 """RFC 6749 5.1 makes expires_in optional; without it the token is refreshed as if it lived an hour."""
 BACKOFF_FIRST: Final = 1.0
 BACKOFF_MAX: Final = 60.0
-# RFC 6750 2.1's b64token: what may follow "Bearer " (no space, no CR/LF to split a header with).
-_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# What may follow "Bearer ": visible ASCII, no space and no CR/LF to split a header with. Wider than
+# RFC 6750's b64token on purpose: some providers' opaque tokens hold "!" (Salesforce's do).
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 # RFC 6749 5.2: error codes are printable ASCII without '"' and '\'; bounded so one cannot fill a log.
 _ERROR_CODE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]{1,64}")
 _DESCRIPTION_CHARS = 160
@@ -297,7 +298,7 @@ class ClientCredentials:
         access = data.get("access_token") if isinstance(data, dict) else None
         if not isinstance(access, str) or not access:
             raise UpstreamAuthError(f"{self._where}: answered HTTP 200 without an access_token")
-        if not _B64TOKEN.fullmatch(access):
+        if not _HEADER_SAFE.fullmatch(access):
             raise UpstreamAuthError(f"{self._where}: its access_token cannot be sent as a bearer token")
         token_type = data.get("token_type")
         if not isinstance(token_type, str) or token_type.lower() != "bearer":

@@ -8,9 +8,12 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import secrets
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote_plus
 
@@ -18,6 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer, unused_port
+from cryptography.fernet import Fernet
 
 from mcp_sse.oauth.resource import FetchPolicy, JwtVerifier, TokenError
 from mcp_sse.upstream.config import OAuth2Spec
@@ -28,9 +32,11 @@ from mcp_sse.upstream.credentials import (
     backoff_delay,
     refresh_after,
 )
+from tests.conftest import Launched, launch, mcp_client, text_of
 from tests.oauth.helpers import IdP, running_idp
 
 pytestmark = pytest.mark.timeout(120)
+REPO = Path(__file__).resolve().parents[2]
 
 # Characters RFC 6749 2.3.1's form-urlencoding must escape, in both the id and the secret.
 CLIENT_ID = "gateway:1 é"
@@ -119,7 +125,8 @@ def endpoint_app(endpoint: Endpoint) -> web.Application:
             return response
         if mode == "stall":
             await asyncio.Event().wait()
-        issued = f"tok-{len(endpoint.issued) + 1}-{secrets.token_urlsafe(16)}"
+        # With a "!", outside RFC 6750's b64token, as some providers' opaque tokens are: still sent.
+        issued = f"tok-{len(endpoint.issued) + 1}!{secrets.token_urlsafe(16)}"
         endpoint.issued.append(issued)
         ISSUED.append(issued)
         body: dict[str, Any] = {"access_token": issued, "token_type": "bearer"}
@@ -474,3 +481,72 @@ async def test_a_real_provider_refuses_a_wrong_secret_as_invalid_client(http: ai
             await ClientCredentials(idp_spec(idp, secret=wrong), name="upstream").authorization(http)
         assert "refused with HTTP 401, invalid_client" in str(caught.value)
         assert wrong not in str(caught.value)
+
+
+# -- end to end: gateway A calls gateway B with the provider's token -----------------------------
+
+PASSED_ENV = ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")
+
+
+def gateway_env(tmp_path: Path, name: str, **extra: str) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if k in PASSED_ENV},
+        "AUTH_TOKEN": f"mcp_{name}_" + secrets.token_urlsafe(24),
+        "SESSION_SECRET": Fernet.generate_key().decode(),
+        "AUDIT_LOG": str(tmp_path / f"{name}-audit.log"),
+        **extra,
+    }
+
+
+async def test_gateway_a_calls_gateway_b_with_the_providers_token(tmp_path: Path) -> None:
+    """The SDK client calls echo through A (server_secure.py, a remote entry with "auth"); A fetches a
+    client_credentials token from oidc-provider, once, and B (server_secure.py trusting that provider
+    for its PUBLIC_URL) accepts it. No secret or token shows in A's logs, audit or status."""
+    port_b = unused_port()
+    public_b = f"http://127.0.0.1:{port_b}"
+    gateways: list[Launched] = []
+    async with running_idp() as idp:
+        await set_default_resource(idp, public_b + "/mcp")
+        secret = idp.client_secret + GATEWAY_SECRET_SUFFIX
+        env_b = gateway_env(tmp_path, "b", OAUTH_ISSUERS=idp.issuer, PUBLIC_URL=public_b)
+        env_b["STATE_DIR"] = str(tmp_path / "b-state")
+        servers = tmp_path / "servers.json"
+        auth = {
+            "type": "oauth2",
+            "clientId": GATEWAY_CLIENT,
+            "clientSecret": "${B_CLIENT_SECRET}",
+            "tokenUrl": idp.issuer + "/token",
+            "scopes": ["mcp:operator"],
+        }
+        servers.write_text(
+            json.dumps({"mcpServers": {"b": {"type": "http", "url": public_b + "/mcp", "auth": auth}}})
+        )
+        env_a = gateway_env(tmp_path, "a", B_CLIENT_SECRET=secret)
+        script = str(REPO / "server_secure.py")
+        try:
+            argv_b = [sys.executable, script, "--port", str(port_b), "--env-file", os.devnull]
+            gateways.append(await launch(argv_b, env=env_b, cwd=tmp_path))
+            argv_a = [sys.executable, script, "--port", str(unused_port()), "--config", str(servers)]
+            gateways.append(a := await launch([*argv_a, "--env-file", os.devnull], env=env_a, cwd=tmp_path))
+            async with mcp_client(a.url, env_a["AUTH_TOKEN"]) as client:
+                for n in range(3):
+                    assert text_of(await client.call_tool("echo", {"text": f"via A {n}"})) == f"via A {n}"
+            assert (await admin(idp, "GET", "/_admin/stats"))["gateway_tokens"] == 1
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(
+                    f"{a.url}/mcp/servers", headers={"Authorization": f"Bearer {env_a['AUTH_TOKEN']}"}
+                ) as r,
+            ):
+                status = {s["name"]: s for s in (await r.json())["servers"]}["b"]
+            assert status["auth"]["token"] == "valid", status
+            assert status["auth"]["token_url"] == idp.issuer + "/token"
+        finally:
+            for gateway in reversed(gateways):
+                await gateway.stop()
+    # B saw A's calls as the provider's client, by OAuth; A told no one its secret or the token.
+    audit_b = [json.loads(line) for line in (tmp_path / "b-audit.log").read_text().splitlines() if line]
+    assert any(e["event"] == "auth.success" and e.get("subject") == GATEWAY_CLIENT for e in audit_b)
+    told = gateways[1].stderr + (tmp_path / "a-audit.log").read_text() + json.dumps(status)
+    assert secret not in told and quote(secret, safe="") not in told
+    assert "Bearer ey" not in told and "eyJ" not in told  # a JWT starts eyJ (base64 of '{"')
