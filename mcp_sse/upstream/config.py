@@ -126,6 +126,8 @@ class OAuth2Spec:
     client_secret: str = field(repr=False)
     token_url: str
     scopes: tuple[str, ...] = ()
+    resource: str | None = None
+    """RFC 8707 `resource`: the upstream the token is for, when its issuer wants it said."""
 
 
 @dataclass(frozen=True)
@@ -321,7 +323,7 @@ def _remote(entry: dict[str, Any], where: str, environ: Mapping[str, str]) -> di
 
 
 def _oauth2(value: Any, where: str, environ: Mapping[str, str]) -> OAuth2Spec:
-    allowed = {"type", "clientId", "clientSecret", "tokenUrl", "scopes"}
+    allowed = {"type", "clientId", "clientSecret", "tokenUrl", "scopes", "resource"}
     if not isinstance(value, dict) or value.get("type") != "oauth2":
         raise ConfigError(
             f'{where} must be {{"type": "oauth2", "clientId", "clientSecret", "tokenUrl", "scopes"}}'
@@ -346,6 +348,7 @@ def _oauth2(value: Any, where: str, environ: Mapping[str, str]) -> OAuth2Spec:
         ),
         token_url=token_url,
         scopes=tuple(scopes),
+        resource=None if "resource" not in value else _url(value["resource"], f"{where}.resource", environ),
     )
 
 

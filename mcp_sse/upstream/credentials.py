@@ -257,6 +257,8 @@ class ClientCredentials:
         form = {"grant_type": "client_credentials"}
         if self.spec.scopes:
             form["scope"] = " ".join(self.spec.scopes)  # minimal scopes: only those configured
+        if self.spec.resource:
+            form["resource"] = self.spec.resource  # RFC 8707: a token for this upstream only
         if http.closed or http.connector is None:
             raise UpstreamAuthError(f"backend {self.name!r} is stopping")
         started = self._timer()  # the lifetime counts from before the request: never overestimated

@@ -419,19 +419,25 @@ class _WebSocketLink(_Link):
 
     async def open(self) -> None:
         remote = self.remote
-        try:
-            self.ws = await remote.http.ws_connect(
-                remote.spec.url or "",
-                protocols=("mcp",),
-                headers=await remote.auth_headers(),
-                max_msg_size=remote.max_message,
-                heartbeat=30.0,
-                autoping=True,
-            )
-        except aiohttp.WSServerHandshakeError as exc:
-            raise RemoteError(remote.http_problem(exc.status, "the WebSocket handshake")) from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise RemoteError(_connection_problem(exc)) from None
+        for attempt in (1, 2):
+            headers = await remote.auth_headers()
+            try:
+                self.ws = await remote.http.ws_connect(
+                    remote.url,
+                    protocols=("mcp",),
+                    headers=headers,
+                    max_msg_size=remote.max_message,
+                    heartbeat=30.0,
+                )
+                break
+            except aiohttp.WSServerHandshakeError as exc:
+                if exc.status == 401 and remote.credentials is not None and attempt == 1:
+                    remote.credentials.rejected(headers["Authorization"])  # revoked early: fetch anew
+                    continue
+                raise RemoteError(remote.http_problem(exc.status, "the WebSocket handshake")) from None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise RemoteError(_connection_problem(exc)) from None
+        assert self.ws is not None
         self.spawn(self._read(self.ws))
         self.spawn(self._write(self.ws))
 

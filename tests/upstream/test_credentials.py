@@ -227,6 +227,17 @@ async def test_no_scope_is_sent_when_none_is_configured(
     assert endpoint.requests[0]["form"] == {"grant_type": "client_credentials"}
 
 
+async def test_a_configured_resource_is_sent_as_rfc_8707_asks(
+    endpoint: Endpoint, http: aiohttp.ClientSession
+) -> None:
+    spec = endpoint.spec(scopes=(), resource="https://mcp.example.com/mcp")
+    await ClientCredentials(spec, name="docs").authorization(http)
+    assert endpoint.requests[0]["form"] == {
+        "grant_type": "client_credentials",
+        "resource": "https://mcp.example.com/mcp",
+    }
+
+
 async def test_the_token_is_refreshed_before_it_expires(
     endpoint: Endpoint, http: aiohttp.ClientSession
 ) -> None:
