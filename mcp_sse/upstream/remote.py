@@ -670,9 +670,12 @@ class RemoteBackend(Backend):
             link: _Link = _LINKS[kind](self)
             self._link = link
             try:
-                await link.open()
-                await asyncio.wait_for(self.handshake(), INIT_TIMEOUT)
-            except RemoteError as exc:
+                # One bound for all of it: a server that accepts and then says nothing must not
+                # hold the supervisor (and every caller waiting for it) for ever.
+                async with asyncio.timeout(INIT_TIMEOUT):
+                    await link.open()
+                    await self.handshake()
+            except BaseException as exc:
                 await link.close()
                 self._link = None
                 if kind == kinds[-1] or not isinstance(exc, NotThisTransport):

@@ -585,3 +585,29 @@ async def test_a_redirect_is_not_followed_to_another_server(
     await wait_for(lambda: state_is(gw, "remote", "disconnected", "failed"))
     assert "redirect (HTTP 307), which is not followed" in (await servers_status(gw))["remote"]["last_error"]
     assert hits == []
+
+
+async def test_a_server_that_accepts_and_says_nothing_is_given_up_on_and_retried(
+    start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("mcp_sse.upstream.remote.INIT_TIMEOUT", 1.0)
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # reads nothing, answers nothing, keeps the connection
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gw = await start_gateway({"mute": {"type": "http", "url": f"http://127.0.0.1:{port}/mcp"}})
+        await wait_for(lambda: state_is(gw, "mute", "disconnected", "failed"))
+        assert (await servers_status(gw))["mute"]["last_error"].endswith("timed out")
+        await wait_for(lambda: _held_more_than(held, 1))  # it tries again by itself
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+
+
+async def _held_more_than(held: list[asyncio.StreamWriter], count: int) -> bool:
+    return len(held) > count
