@@ -1,6 +1,7 @@
-"""Command line: `serve` (the default), `check-config`.
+"""Command line: `serve` (the default), `check`, `check-config`, `generate-key`, `selftest`.
 
 python server_secure.py [--host H] [--port P] [--config servers.json] [--env-file .env]
+python server_secure.py selftest https://host:port [--token T] [--json] [--rate-limit]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -25,7 +27,7 @@ from cryptography.fernet import Fernet
 
 from . import __version__
 from .app import build_backends, create_app, reload_keys, revive_backends
-from .ops import sd_notify
+from .ops import sd_notify, selftest
 from .ops.connections import BACKLOG, AppRunner, fit_open_file_limit, quiet_accept_errors
 from .security.check import Finding, audit_settings
 from .security.ipfilter import allows_any, connection_gate
@@ -39,17 +41,44 @@ from .upstream.isolation import PerSessionBackend
 __all__ = ["main"]
 
 log = logging.getLogger("mcp_sse")
-COMMANDS = ("serve", "check", "check-config", "generate-key")
+COMMANDS = ("serve", "check", "check-config", "generate-key", "selftest")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """Its usage errors never quote a selftest token: `--tokn SECRET` would be "unrecognized"."""
+
+    hidden: tuple[str, ...] = ()
+
+    def error(self, message: str) -> NoReturn:
+        for secret in sorted(self.hidden, key=len, reverse=True):
+            message = message.replace(secret, "<token>")
+        super().error(message)
+
+
+def _token_like(argv: Sequence[str]) -> tuple[str, ...]:
+    """What follows an option that could be (or be a typo of) --token, and its `=value` forms."""
+    found = []
+    for index, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name.startswith("--t") and name != "--timeout":
+            if eq:
+                found.append(value)
+            elif index + 1 < len(argv):
+                found.append(argv[index + 1])
+    return tuple(v for v in found if v)
+
+
+def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    parser = _Parser(
         prog="server_secure.py",
         description="Serve MCP servers over SSE and Streamable HTTP, securely.",
-        epilog="Commands: serve (default), check, check-config, generate-key. "
+        epilog="Commands: serve (default), check, check-config, generate-key, "
+        "selftest URL (probe a running deployment's security from outside). "
         "Settings also come from the environment and .env (see README).",
     )
+    parser.hidden = _token_like(argv)
     parser.add_argument("command", nargs="?", choices=COMMANDS, default="serve", help=argparse.SUPPRESS)
+    parser.add_argument("url", nargs="?", help=argparse.SUPPRESS)  # selftest's deployment
     parser.add_argument("--host", help="address to bind (HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind, 0 for any free one (PORT, default 3001)")
     parser.add_argument(
@@ -64,6 +93,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--name", help="generate-key: a name for the new key")
     parser.add_argument("--role", default="operator", help="generate-key: admin, operator or viewer")
+    parser.add_argument(
+        "--token", help="selftest: the key to test with; - reads it from stdin (default: $AUTH_TOKEN)"
+    )
+    parser.add_argument("--timeout", type=float, default=10.0, help="selftest: seconds per request (10)")
+    parser.add_argument("--json", action="store_true", help="selftest: print the results as JSON")
+    parser.add_argument(
+        "--rate-limit", action="store_true", help="selftest: spend the budget until a 429 (slow, noisy)"
+    )
+    parser.add_argument("--ca-file", type=Path, help="selftest: trust only this CA (a private CA)")
+    parser.add_argument(
+        "--insecure", action="store_true", help="selftest: go on past an untrusted certificate (still a FAIL)"
+    )
     parser.add_argument("--version", action="version", version=f"mcp-sse {__version__}")
     return parser
 
@@ -82,7 +123,21 @@ def load_settings(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser(argv)
+    args = parser.parse_intermixed_args(argv)  # `selftest --token T URL` as well as `selftest URL --token T`
+    if args.url is not None and args.command != "selftest":
+        parser.error(f"unexpected argument {args.url!r}: only selftest takes a URL")
+    if args.command == "selftest":  # a client of some deployment: this machine's settings play no part
+        return selftest.command(
+            args.url,
+            token=args.token,
+            timeout=args.timeout,
+            rate_limit=args.rate_limit,
+            ca_file=args.ca_file,
+            insecure=args.insecure,
+            as_json=args.json,
+        )
     try:
         settings = load_settings(args)
     except SettingsError as exc:
