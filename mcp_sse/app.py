@@ -119,7 +119,14 @@ def create_app(
     if backends is None:
         backends = build_backends(settings, os.environ if environ is None else environ, env_file)
     keys = KeyStore(settings.auth_token, settings.keys_file)
-    audit = AuditLog(settings.audit_log, log_values=settings.audit_arguments)
+    audit = AuditLog(
+        settings.audit_log,
+        log_values=settings.audit_arguments,
+        rotate=settings.audit_rotate,
+        max_bytes=settings.audit_max_bytes,
+        retention_days=settings.audit_retention_days,
+        security_retention_days=settings.audit_security_retention_days,
+    )
     logins = Logins(lifetime=settings.cookie_lifetime, idle=settings.cookie_idle)
     if settings.session_secret is None:
         raise ValueError("create_app needs settings.session_secret; the CLI makes one for loopback runs")

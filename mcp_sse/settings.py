@@ -106,6 +106,13 @@ def _optional_path(text: str) -> Path | None:
     return None if text.strip().lower() in ("", "off", "none", "-") else Path(text)
 
 
+def _audit_rotate(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("daily", "size", "off"):  # security/audit.py's ROTATE_MODES
+        raise ValueError("expected daily, size or off")
+    return value
+
+
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
@@ -246,6 +253,20 @@ class Settings:
         default=Path("secure-server.log"), metadata={"env": "AUDIT_LOG", "parse": _optional_path}
     )
     audit_arguments: bool = field(default=False, metadata={"env": "AUDIT_TOOL_ARGUMENTS", "parse": _bool})
+    # daily: at the first line of each UTC day, and sooner at AUDIT_MAX_BYTES; size: at AUDIT_MAX_BYTES
+    # only; off: never (an external logrotate), and no pruning either.
+    audit_rotate: str = field(default="daily", metadata={"env": "AUDIT_ROTATE", "parse": _audit_rotate})
+    audit_max_bytes: int = field(
+        default=100 * 1024 * 1024, metadata={"env": "AUDIT_MAX_BYTES", "parse": _positive(int)}
+    )
+    # Rotated files are kept whole this long, then only their security events (security/audit.py's
+    # SECURITY_EVENTS) until AUDIT_SECURITY_RETENTION_DAYS, which is at least AUDIT_RETENTION_DAYS.
+    audit_retention_days: float = field(
+        default=90.0, metadata={"env": "AUDIT_RETENTION_DAYS", "parse": _positive(float)}
+    )
+    audit_security_retention_days: float = field(
+        default=365.0, metadata={"env": "AUDIT_SECURITY_RETENTION_DAYS", "parse": _positive(float)}
+    )
     tls_cert: Path | None = field(default=None, metadata={"env": "TLS_CERT", "parse": Path})
     tls_key: Path | None = field(default=None, metadata={"env": "TLS_KEY", "parse": Path})
     health_public: bool = field(default=False, metadata={"env": "HEALTH_PUBLIC", "parse": _bool})

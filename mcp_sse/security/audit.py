@@ -5,10 +5,17 @@ stream (stderr by default, so the journal has them too). Every string is capped 
 stripped of control characters, and the line is `json.dumps`'d with ASCII escapes, so a
 value sent by a client cannot start a line of its own (CWE-117, log injection). Field
 names that look like secrets are redacted wherever they appear.
+
+Retention: the file rotates (daily or by size) into dated files beside it, which `prune` keeps
+AUDIT_RETENTION_DAYS whole, then only their security events until AUDIT_SECURITY_RETENTION_DAYS.
+An external logrotate works too: a file moved away is reopened at the next line.
 """
 
 from __future__ import annotations
 
+import calendar
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -17,7 +24,11 @@ import math
 import os
 import re
 import sys
+import tempfile
+import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -26,7 +37,21 @@ from aiohttp import web
 # AUDIT, the app's AuditLog, lives in state.py with the other keys; it is re-exported from here.
 from ..state import AUDIT, CLIENT_IP, IDENTITY, REQUEST_ID
 
-__all__ = ["AUDIT", "MESSAGES", "REDACTED", "AuditLog", "digest", "fingerprint", "sanitize"]
+__all__ = [
+    "AUDIT",
+    "MESSAGES",
+    "REDACTED",
+    "ROTATE_MODES",
+    "SECURITY_EVENTS",
+    "AuditLog",
+    "RotatedFile",
+    "digest",
+    "fingerprint",
+    "is_security_event",
+    "redact",
+    "rotated_files",
+    "sanitize",
+]
 
 log = logging.getLogger("mcp_sse.audit")
 
@@ -44,6 +69,41 @@ MESSAGES: Final[dict[str, str]] = {
     "host.denied": "Access denied",
     "rate_limited": "Too many requests",
 }
+
+# Kept AUDIT_SECURITY_RETENTION_DAYS (a year), not AUDIT_RETENTION_DAYS: what an incident review
+# asks months later. Who failed to get in or was locked out, what was refused and from where
+# (addresses, origins, hosts, rate limits, the policy), and every change to who may get in or what
+# runs (keys and servers reloaded, sign-ins and sign-outs, sessions ended because their key went,
+# OAuth clients registered, grants revoked, codes and refresh tokens replayed). Not auth.success
+# (one per request) nor tool.invoked: the bulk of the log, and the 90-day kind.
+SECURITY_EVENTS: Final = frozenset(
+    {
+        "auth.failed",
+        "auth.locked",  # the lockout
+        "ip.denied",
+        "origin.denied",
+        "host.denied",
+        "rate_limited",
+        "connection.refused",
+        "policy.denied",
+        "keys.reload",
+        "servers.reload",
+        "session.login",
+        "session.logout",
+        "session.expired",  # sessions closed because their key was removed (revoked)
+        "oauth.register",
+        "oauth.revoke",
+        "oauth.code_reuse",
+        "oauth.refresh_reuse",
+    }
+)
+# ...and any other event whose outcome is a refusal (oauth.authorize, oauth.token, ...).
+_REFUSALS: Final = frozenset({"refused", "denied", "failed"})
+
+ROTATE_MODES: Final = ("daily", "size", "off")
+_STAMP: Final = "%Y-%m-%dT%H%M%SZ"  # audit.log.2026-12-03T120000Z: UTC, sortable, no ':' (scp, Windows)
+_SECURITY_SUFFIX: Final = ".security"  # a rotated file past AUDIT_RETENTION_DAYS, security events only
+_DAY: Final = 86_400.0
 
 # Substrings of field names whose values are secrets. Over-matching ("keyboard") only hides a value.
 _SECRET_NAME: Final = re.compile(r"pass(word|wd)?|token|secret|key|authorization|cookie|credential", re.I)
@@ -114,6 +174,54 @@ def sanitize(value: Any, depth: int = 0) -> Any:
     return _text(str(value))  # anything else as its text
 
 
+def redact(value: Any) -> Any:
+    """`value` read back from the file with every secret-looking field's value replaced, at any
+    depth, and "Bearer <token>" masked; nothing else changed. Lines were sanitized when written:
+    this is the second lock, for what the audit query hands out (another writer, an older version)."""
+    if isinstance(value, str):
+        return _BEARER.sub(_mask, value) if " " in value or not value.isprintable() else value
+    if isinstance(value, dict):
+        return {k: REDACTED if _secret_name(str(k)) else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def is_security_event(line: Mapping[str, Any]) -> bool:
+    """Is this line kept AUDIT_SECURITY_RETENTION_DAYS (see SECURITY_EVENTS)?"""
+    return line.get("event") in SECURITY_EVENTS or line.get("outcome") in _REFUSALS
+
+
+@dataclass(frozen=True)
+class RotatedFile:
+    path: Path
+    stamp: float  # when it was rotated (seconds since the epoch, from its name): no line is later
+    serial: int  # the -N of a second rotation in the same second
+    security_only: bool  # rewritten past AUDIT_RETENTION_DAYS: its name ends in .security
+
+
+def rotated_files(path: Path) -> list[RotatedFile]:
+    """The rotated files of the audit log at `path`, oldest first. The live file is not one."""
+    pattern = re.compile(
+        re.escape(path.name) + r"\.(\d{4}-\d\d-\d\dT\d{6}Z)(?:-(\d+))?(" + re.escape(_SECURITY_SUFFIX) + ")?"
+    )
+    found = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None:
+            continue
+        try:
+            stamp = calendar.timegm(time.strptime(match[1], _STAMP))
+        except ValueError:  # digits, but no date (month 13): not one of ours
+            continue
+        found.append(RotatedFile(path.parent / name, stamp, int(match[2] or 0), bool(match[3])))
+    return sorted(found, key=lambda f: (f.stamp, f.serial))
+
+
 def fingerprint(value: Any) -> tuple[str, int]:
     """(sha256 prefix, size) of a payload's canonical JSON: what is logged instead of the payload."""
     data = _CANONICAL(value).encode()
@@ -139,32 +247,233 @@ class AuditLog:
     or list (payloads such as tool arguments) are logged as `{"sha256": ..., "bytes": ...}`;
     scalars (names, counts, reasons) are always logged. With `log_values=True` payloads are
     logged, still redacted. Secret-looking names are redacted either way.
+
+    `rotate` (AUDIT_ROTATE): "daily" renames the file to `<name>.<UTC stamp>` at the first line of
+    a new UTC day, and sooner when it would pass `max_bytes`; "size" only at `max_bytes`; "off"
+    (the default here, so a bare AuditLog never renames files; Settings defaults to daily) never,
+    and prunes nothing either: for an external logrotate. With rotation on, `prune` runs at start
+    and after each rotation, in a thread of its own (a rewrite must not stall the event loop).
+
+    Not logging.handlers: FileHandler opens with the umask (we create 0600, with no window), writes
+    through a buffered stream (we make one os.write per line on O_APPEND: whole, at once, even
+    with another process on the file), and its rotating classes do size or time, not both, and
+    do not follow a move. From WatchedFileHandler we take its check: st_dev and st_ino of the
+    path against the open file's, before each line.
     """
 
     def __init__(
-        self, path: str | Path | None, *, stream: TextIO | None = sys.stderr, log_values: bool = False
+        self,
+        path: str | Path | None,
+        *,
+        stream: TextIO | None = sys.stderr,
+        log_values: bool = False,
+        rotate: str = "off",
+        max_bytes: int = 100 * 1024 * 1024,
+        retention_days: float = 90.0,
+        security_retention_days: float = 365.0,
     ) -> None:
+        if rotate not in ROTATE_MODES:
+            raise ValueError(f"rotate must be one of {', '.join(ROTATE_MODES)}, not {rotate!r}")
         self.path = Path(path) if path is not None else None
         self.stream = stream
         self.log_values = log_values
+        self.rotate = rotate
+        self.max_bytes = max_bytes
+        self.retention = retention_days * _DAY
+        # Security events are kept at least as long as the rest: a shorter setting cannot mean less.
+        self.security_retention = max(security_retention_days, retention_days) * _DAY
+        self._lock = threading.Lock()  # one writer at a time: rotation and the write it precedes
         self._fd: int | None = None
+        self._id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file _fd is
+        self._day = 0  # the UTC day (days since the epoch) the open file's lines are from
+        self._retry_at = 0.0  # after a failed rotation, the monotonic time to try again
+        self._closed = self.path is None
+        self._pruner: threading.Thread | None = None
         self._warned: set[str] = set()
         if self.path is not None:
-            try:
-                # 0600 at creation (no window where it is world-readable). No buffering: each line is
-                # one os.write on an O_APPEND fd, so it is on disk at once, and whole even if two
-                # processes share the file.
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                mode = os.fstat(self._fd).st_mode & 0o777
-                if mode & 0o077:
-                    log.warning("audit log %s is readable by others (mode %o): chmod 600 it", self.path, mode)
-            except OSError as exc:
-                self._warn("file", f"cannot open audit log {self.path}: {exc}; auditing to the stream only")
+            with self._lock:
+                self._open()
+            self._start_prune()
 
     def _warn(self, sink: str, message: str) -> None:
         if sink not in self._warned:
             self._warned.add(sink)
             log.warning("%s", message)
+
+    # -- the file ---------------------------------------------------------------------------------
+
+    def _open(self) -> int | None:
+        """Open (or create) the file at the path; its size, or None when it cannot be opened."""
+        assert self.path is not None
+        try:
+            # 0600 at creation (no window where it is world-readable). No buffering: each line is
+            # one os.write on an O_APPEND fd, so it is on disk at once, and whole even if two
+            # processes share the file.
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            st = os.fstat(fd)
+        except OSError as exc:
+            self._warn("file", f"cannot open audit log {self.path}: {exc}; auditing to the stream only")
+            return None
+        self._fd, self._id = fd, (st.st_dev, st.st_ino)
+        # A file left from an earlier day is rotated at its first new line (in daily mode).
+        self._day = int((st.st_mtime if st.st_size else time.time()) // _DAY)
+        mode = st.st_mode & 0o777
+        if mode & 0o077:
+            log.warning("audit log %s is readable by others (mode %o): chmod 600 it", self.path, mode)
+        return st.st_size
+
+    def _reopen(self) -> int | None:
+        fd, self._fd, self._id = self._fd, None, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError as exc:
+                self._warn("close", f"cannot close audit log {self.path}: {exc}")
+        return self._open()
+
+    def _follow(self) -> int | None:
+        """The size of the file at the path; reopened first if it is not the one we hold (moved
+        away by logrotate or an operator, or never opened). None: there is no file to write."""
+        assert self.path is not None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return self._reopen()
+        except OSError:  # cannot tell (a directory we may not search): keep the file we have
+            return None if self._fd is None else 0
+        if self._fd is not None and (st.st_dev, st.st_ino) == self._id:
+            return st.st_size  # copytruncate: the same file, shorter; O_APPEND writes at its new end
+        return self._reopen()
+
+    def _due(self, size: int, more: int) -> bool:
+        if self.rotate == "off" or size == 0 or time.monotonic() < self._retry_at:
+            return False
+        if size + more > self.max_bytes:
+            return True
+        return self.rotate == "daily" and int(time.time() // _DAY) != self._day
+
+    def _rotate(self) -> int | None:
+        """Rename the file to `<name>.<stamp>` and open a new one; under self._lock, so every line
+        is written before the rename (it is in the rotated file) or after the reopen (the new one)."""
+        assert self.path is not None and self._fd is not None
+        try:
+            # Another process appending to the same file rotates it once, not twice: whoever holds
+            # the lock renames; the other finds the path is another file now and just reopens.
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                try:
+                    st: os.stat_result | None = os.stat(self.path)
+                except FileNotFoundError:  # renamed by the other process, not yet made again
+                    st = None
+                if st is not None and (st.st_dev, st.st_ino) == self._id:
+                    target = self._target()
+                    os.rename(self.path, target)
+                    os.chmod(target, 0o600)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except OSError as exc:
+            self._warn("rotate", f"cannot rotate audit log {self.path}: {exc}; trying again in a minute")
+            self._retry_at = time.monotonic() + 60
+            return 0
+        size = self._reopen()
+        self._start_prune()
+        return size
+
+    def _target(self) -> Path:
+        assert self.path is not None
+        base = f"{self.path.name}.{time.strftime(_STAMP, time.gmtime())}"
+        target, serial = self.path.with_name(base), 0
+        while os.path.lexists(target):  # rename() would replace it: a second rotation this second
+            serial += 1
+            target = self.path.with_name(f"{base}-{serial}")
+        return target
+
+    def _write(self, data: bytes) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            size = self._follow()
+            if size is not None and self._due(size, len(data)):
+                size = self._rotate()
+            if size is None or self._fd is None:
+                return
+            try:
+                os.write(self._fd, data)
+            except OSError as exc:
+                self._warn("write", f"cannot write audit log {self.path}: {exc}")
+
+    # -- retention --------------------------------------------------------------------------------
+
+    def _start_prune(self) -> None:
+        if self.rotate == "off" or (self._pruner is not None and self._pruner.is_alive()):
+            return  # one at a time; the next rotation prunes what this one started after
+        # A daemon: a rewrite cut short at exit leaves a temporary file, which the next prune removes.
+        self._pruner = threading.Thread(target=self.prune, name="audit-prune", daemon=True)
+        self._pruner.start()
+
+    def wait_pruned(self, timeout: float | None = None) -> bool:
+        """Wait for the prune started at start or by the last rotation; True when none is running."""
+        pruner = self._pruner
+        if pruner is not None:
+            pruner.join(timeout)
+        return pruner is None or not pruner.is_alive()
+
+    def prune(self, now: float | None = None) -> None:
+        """Apply the retentions to the rotated files, by age (mtime: when its last line was written).
+
+        One file mixes both kinds of event, so a file older than AUDIT_RETENTION_DAYS is rewritten
+        (atomically, 0600, mtime kept) with its security events only and renamed `<name>.security`,
+        which says it is done; it is deleted after AUDIT_SECURITY_RETENTION_DAYS. Chosen over
+        splitting every file at rotation: that reads and writes each file at once, on the hot path,
+        and doubles the files; this reads a file once, 90 days on, in a thread. Never raises.
+        """
+        if self.path is None:
+            return
+        now = time.time() if now is None else now
+        for rotated in rotated_files(self.path):
+            try:
+                st = rotated.path.stat()
+                age = now - st.st_mtime
+                if age > self.security_retention:
+                    rotated.path.unlink()
+                elif age > self.retention and not rotated.security_only:
+                    self._keep_security(rotated.path, st)
+            except FileNotFoundError:
+                continue  # another process pruned it first
+            except OSError as exc:
+                self._warn("prune", f"cannot prune audit log {rotated.path}: {exc}")
+        try:  # temporary files of a rewrite cut short (the process was killed)
+            for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+                if now - stale.stat().st_mtime > _DAY:
+                    stale.unlink()
+        except OSError as exc:
+            self._warn("prune", f"cannot prune audit log {self.path}: {exc}")
+
+    @staticmethod
+    def _keep_security(path: Path, st: os.stat_result) -> None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600
+        try:
+            with open(path, "rb") as source, os.fdopen(fd, "wb") as out:
+                for raw in source:  # a line at a time: memory bounded
+                    try:
+                        line = json.loads(raw)
+                    except ValueError:
+                        line = None
+                    # A line that is not an object cannot be classified: kept, to go with the file.
+                    if not isinstance(line, dict) or is_security_event(line):
+                        out.write(raw)
+                out.flush()
+                os.fsync(out.fileno())
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))  # its age is its lines' age
+            os.replace(tmp, path)  # atomic: a reader has the whole old file or the whole new one
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        # Cut short here, the next prune rewrites it again (the same lines) and renames it then.
+        os.replace(path, path.with_name(path.name + _SECURITY_SUFFIX))
+
+    # -- events -----------------------------------------------------------------------------------
 
     def _payload(self, value: Any) -> Any:
         """A caller's field value as it goes in the line: sanitized, payloads digested."""
@@ -207,11 +516,8 @@ class AuditLog:
         except Exception as exc:  # a field that cannot be serialised must not fail the request
             self._warn("encode", f"cannot encode audit event {name!r}: {exc!r}")
             return
-        if self._fd is not None:
-            try:
-                os.write(self._fd, text.encode())
-            except OSError as exc:
-                self._warn("write", f"cannot write audit log {self.path}: {exc}")
+        if self.path is not None:
+            self._write(text.encode())
         if self.stream is not None:
             try:
                 self.stream.write(text)
@@ -220,7 +526,9 @@ class AuditLog:
                 self._warn("stream", f"cannot write audit events to the stream: {exc}")
 
     def close(self) -> None:
-        fd, self._fd = self._fd, None
+        with self._lock:
+            self._closed = True
+            fd, self._fd = self._fd, None
         if fd is not None:
             try:
                 os.close(fd)
