@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TextIO
@@ -290,6 +290,9 @@ class AuditLog:
         self._closed = self.path is None
         self._pruner: threading.Thread | None = None
         self._warned: set[str] = set()
+        self.observer: Callable[[str, Mapping[str, Any]], None] | None = None
+        """Told of every event (its name and the caller's fields) before it is written: the
+        metrics count from here (ops/metrics.py). It must not raise, nor keep the fields."""
         if self.path is not None:
             with self._lock:
                 self._open()
@@ -511,6 +514,11 @@ class AuditLog:
 
     def event(self, name: str, request: web.Request | None = None, **fields: Any) -> None:
         """Write one line about `name`. Never raises: auditing must not take the server down."""
+        if self.observer is not None:
+            try:
+                self.observer(name, fields)
+            except Exception as exc:
+                self._warn("observer", f"audit observer failed on {name!r}: {exc!r}")
         try:
             text = _LINE(self.record(name, request, **fields)) + "\n"
         except Exception as exc:  # a field that cannot be serialised must not fail the request
