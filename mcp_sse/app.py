@@ -61,6 +61,7 @@ from .transport.legacy_sse import LegacySSE
 from .transport.streamable import StreamableHTTP
 from .upstream.aggregate import AggregateBackend
 from .upstream.backend import Backend
+from .upstream.breaker import observe
 from .upstream.builtin import BuiltinBackend
 from .upstream.config import load_servers
 from .upstream.default import default_toolset
@@ -127,6 +128,8 @@ def create_app(
         retention_days=settings.audit_retention_days,
         security_retention_days=settings.audit_security_retention_days,
     )
+    for backend in backends.values():  # circuit changes go to the audit trail (backend.circuit)
+        observe(backend, audit)
     logins = Logins(lifetime=settings.cookie_lifetime, idle=settings.cookie_idle)
     if settings.session_secret is None:
         raise ValueError("create_app needs settings.session_secret; the CLI makes one for loopback runs")

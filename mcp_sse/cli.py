@@ -35,6 +35,7 @@ from .security.keys import KeysFileError, generate_key
 from .settings import Secret, Settings, SettingsError, is_loopback
 from .state import AUDIT, BACKENDS
 from .upstream.backend import Backend, StdioBackend
+from .upstream.breaker import unwrap
 from .upstream.config import ConfigError, launch_problem
 from .upstream.isolation import PerSessionBackend
 
@@ -290,7 +291,8 @@ def _oauth_findings(settings: Settings) -> list[Finding]:
 def launch_problems(backends: dict[str, Backend]) -> list[str]:
     """Why children would not start, each checked with the environment and cwd it will get."""
     problems = []
-    for backend in backends.values():
+    for guarded in backends.values():
+        backend = unwrap(guarded)  # its kind, not its circuit breaker's
         if isinstance(backend, StdioBackend):
             problem = launch_problem(backend.spec, backend.env)
         elif isinstance(backend, PerSessionBackend) and backend.spec.url is None:

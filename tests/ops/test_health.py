@@ -13,8 +13,9 @@ from mcp_sse import __version__
 from mcp_sse.app import revive_backends
 from mcp_sse.ops.health import public_health
 from mcp_sse.upstream import backend as backend_module
+from mcp_sse.upstream.multiplex import REQUEST_TIMEOUT
 from tests.conftest import Running, StartGateway
-from tests.reliability.harness import FAULT_SERVER, fault_server, poll
+from tests.reliability.harness import FAULT_SERVER, Streamable, call, fault_server, poll
 
 EXITS_AT_ONCE = {"command": sys.executable, "args": ["-c", "import sys; sys.exit(1)"]}
 
@@ -112,3 +113,40 @@ async def test_health_public_answer_without_a_key_says_down_when_down(
     gw = await start_gateway({"test": EXITS_AT_ONCE}, health_public=True)
     await reach(gw, {"test": "failed"})
     assert await get_health(gw, key=False) == (503, {"status": "down"})
+
+
+# -- an open circuit counts as down ---------------------------------------------------------------
+
+TRIPS_AT_ONCE = {"failureThreshold": 1, "volumeThreshold": 1, "timeout": 600, "successThreshold": 1}
+
+
+async def open_circuit(gw: Running, name: str) -> None:
+    """One call the child answers too late: with TRIPS_AT_ONCE, the circuit of `name` is open."""
+    async with aiohttp.ClientSession() as http:
+        client = await Streamable(http, gw.url, gw.token, f"/servers/{name}/mcp").initialize()
+        assert (await client.request(call(1, "sleep", seconds=30)))["error"]["code"] == REQUEST_TIMEOUT
+        fast = await client.request(call(2, "echo", text="x"))
+        assert "circuit is open" in fast["error"]["message"]
+
+
+async def test_an_open_circuit_is_200_degraded_and_named(start_gateway: StartGateway) -> None:
+    slow = {**fault_server(timeout=0.3), "circuit_breaker": TRIPS_AT_ONCE}
+    gw = await start_gateway({"slow": slow, "good": fault_server()})
+    await reach(gw, {"slow": "running", "good": "running"})
+    await open_circuit(gw, "slow")
+    # Its child still runs: only the circuit says nothing can be served by it now.
+    assert await states(gw) == {"slow": "running", "good": "running"}
+    expected = {"status": "degraded", "version": __version__, "circuit_open": ["slow"]}
+    assert await get_health(gw) == (200, expected)
+
+
+async def test_every_backend_failed_or_open_is_503_down(
+    start_gateway: StartGateway, fast_backoff: None
+) -> None:
+    slow = {**fault_server(timeout=0.3), "circuit_breaker": TRIPS_AT_ONCE}
+    gw = await start_gateway({"slow": slow, "bad": EXITS_AT_ONCE})
+    await reach(gw, {"slow": "running", "bad": "failed"})
+    await open_circuit(gw, "slow")
+    expected = {"status": "down", "version": __version__, "failed": ["bad"], "circuit_open": ["slow"]}
+    assert await get_health(gw) == (503, expected)
+    assert public_health(gw.app).status == 503

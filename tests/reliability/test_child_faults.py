@@ -21,6 +21,7 @@ import pytest
 
 from mcp_sse.state import BACKENDS
 from mcp_sse.upstream import backend as backend_module
+from mcp_sse.upstream.breaker import unwrap
 from tests.conftest import SDK_SERVER, Running, StartGateway
 from tests.reliability.harness import (
     Legacy,
@@ -228,7 +229,7 @@ async def test_child_that_stops_reading_refuses_requests_with_bounded_memory(
         client = await Streamable(http, gw.url, gw.token).initialize()
         stall = await client.request(call("stall", "stall"))
         assert stall["error"]["code"] == -32001
-        child = gw.app[BACKENDS]["f"]._child  # type: ignore[attr-defined]
+        child = unwrap(gw.app[BACKENDS]["f"])._child  # type: ignore[attr-defined]
         # 200 requests of 16 KB (3 MB) at a child that reads nothing: the pipe and a bounded buffer
         # fill, the rest are refused at once, and every one is answered with an error.
         before = rss_mb()
@@ -239,7 +240,7 @@ async def test_child_that_stops_reading_refuses_requests_with_bounded_memory(
         elapsed = time.monotonic() - started
         grown = rss_mb() - before
         # Nothing drains a pipe nobody reads: what is buffered now is the most it ever held.
-        assert gw.app[BACKENDS]["f"]._child is child  # type: ignore[attr-defined]
+        assert unwrap(gw.app[BACKENDS]["f"])._child is child  # type: ignore[attr-defined]
         buffered = child.process.stdin.transport.get_write_buffer_size()
         refused = [r for r in replies if "not reading its input" in r.get("error", {}).get("message", "")]
         timed_out = [r for r in replies if r.get("error", {}).get("code") == -32001]

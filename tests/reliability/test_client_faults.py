@@ -20,6 +20,7 @@ import pytest
 
 from mcp_sse.protocol.session import FINISHED_STREAMS_KEPT
 from mcp_sse.state import BACKENDS, SESSIONS, TASKS
+from mcp_sse.upstream.breaker import unwrap
 from tests.conftest import (
     SDK_SERVER,
     Running,
@@ -61,7 +62,7 @@ def tasks_since(baseline: set[asyncio.Task[Any]]) -> set[asyncio.Task[Any]]:
 
 
 def pending_calls(gw: Running, name: str = "f") -> int:
-    return len(gw.app[BACKENDS][name].mux._pending)  # type: ignore[attr-defined]
+    return len(unwrap(gw.app[BACKENDS][name]).mux._pending)  # type: ignore[attr-defined]
 
 
 async def settled(gw: Running, name: str = "f", timeout: float = 30.0) -> bool:

@@ -18,6 +18,7 @@ import pytest
 
 from mcp_sse import app as app_module
 from mcp_sse.state import BACKENDS, SESSIONS, TASKS
+from mcp_sse.upstream.breaker import unwrap
 from tests.conftest import SDK_SERVER, Running, StartGateway
 from tests.reliability.harness import (
     Legacy,
@@ -52,7 +53,7 @@ class Gauges:
     def read(cls, gw: Running) -> Gauges:
         return cls(
             sessions=len(gw.app[SESSIONS]),
-            attached=sum(len(b.mux.sessions) for b in gw.app[BACKENDS].values()),  # type: ignore[attr-defined]
+            attached=sum(len(unwrap(b).mux.sessions) for b in gw.app[BACKENDS].values()),  # type: ignore[attr-defined]
             spawned=len(gw.app[TASKS]),
             tasks=task_count(),
             fds=fd_count(),

@@ -286,3 +286,42 @@ def test_a_callers_header_cannot_choose_what_the_child_runs(tmp_path: Path, vari
     # a per-session child loads.
     entry = {"command": "x", "isolation": "per-session", "env_from_headers": {"X-Evil": variable}}
     assert "a caller's header may not set it" in error_of(write(tmp_path, servers(iso=entry)))
+
+
+# -- circuit_breaker -------------------------------------------------------------------------------
+
+
+def test_circuit_breaker_defaults_false_and_values(tmp_path: Path) -> None:
+    from mcp_sse.upstream.config import BreakerSpec
+
+    custom = {"failureThreshold": 2, "volumeThreshold": 4, "timeout": 1.5, "successThreshold": 1}
+    path = write(
+        tmp_path,
+        servers(
+            default={"command": "x"},
+            off={"command": "x", "circuit_breaker": False},
+            custom={"command": "x", "circuit_breaker": custom},
+        ),
+    )
+    specs = {spec.name: spec.breaker for spec in load_servers(path, {})}
+    assert specs["default"] == BreakerSpec(True, 5, 10, 60.0, 3)
+    assert specs["off"].enabled is False
+    assert specs["custom"] == BreakerSpec(True, 2, 4, 1.5, 1)
+
+
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [
+        ("off", "mcpServers.s.circuit_breaker must be false or an object"),
+        ({"failures": 3}, "mcpServers.s.circuit_breaker: unknown key 'failures'"),
+        ({"failureThreshold": 0}, "mcpServers.s.circuit_breaker.failureThreshold"),
+        ({"failureThreshold": 2.5}, "mcpServers.s.circuit_breaker.failureThreshold"),
+        ({"volumeThreshold": "10"}, "mcpServers.s.circuit_breaker.volumeThreshold"),
+        ({"timeout": -1}, "mcpServers.s.circuit_breaker.timeout"),
+        ({"successThreshold": True}, "mcpServers.s.circuit_breaker.successThreshold"),
+        ({"failureThreshold": 11}, "failureThreshold cannot exceed volumeThreshold"),
+    ],
+)
+def test_bad_circuit_breaker_names_the_key(tmp_path: Path, value: Any, where: str) -> None:
+    path = write(tmp_path, servers(s={"command": "x", "circuit_breaker": value}))
+    assert where in error_of(path)

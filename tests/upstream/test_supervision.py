@@ -23,6 +23,7 @@ from mcp_sse.app import revive_backends
 from mcp_sse.state import BACKENDS
 from mcp_sse.upstream import backend as backend_module
 from mcp_sse.upstream.aggregate import UNAVAILABLE_META
+from mcp_sse.upstream.breaker import unwrap
 from tests.conftest import (
     SDK_SERVER,
     SERVERS,
@@ -247,7 +248,7 @@ async def test_reload_gives_a_failed_per_session_child_a_fresh_start_for_its_ses
         bystander = await Streamable(http, gw.url, gw.token).initialize()
         other_pid = text_result(await bystander.request(call("p0", "pid")))
         assert "error" in await crashing.request(call("c0", "exit", code=3))
-        backend = gw.app[BACKENDS]["iso"]
+        backend = unwrap(gw.app[BACKENDS]["iso"])
         child = backend.children[crashing.session_id][1]  # type: ignore[attr-defined]
         assert await wait_until(lambda: child.state == "failed", 30)
         assert "is failed" in (await crashing.request(call("c1", "echo", text="x")))["error"]["message"]
