@@ -179,7 +179,8 @@ async def test_crash_loop_ends_failed_and_callers_get_an_error(
     no_ready_wait_fallback(monkeypatch)
     for transport in ("streamable", "sse"):
         error = await _connect_error(gw, transport)
-        assert error.message == "backend 'test' is failed"
+        # Why, too: the client sees what the operator sees in last_error.
+        assert error.message == f"backend 'test' is failed: {status['last_error']}"
 
 
 async def test_failed_backend_answers_sessions_already_open(
@@ -314,7 +315,8 @@ async def test_missing_command_is_failed_with_a_clear_error(
     status = await wait_for_state(gw, "failed")
     assert missing in status["last_error"]
     assert "No such file or directory" in status["last_error"]
-    assert (await _connect_error(gw, "streamable")).message == "backend 'test' is failed"
+    message = (await _connect_error(gw, "streamable")).message
+    assert message.startswith("backend 'test' is failed: ") and missing in message
 
 
 async def test_non_json_first_line_is_ignored(
