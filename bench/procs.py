@@ -176,10 +176,11 @@ class Processes:
         wrapper: list[str] | None = None,
         ready_timeout: float = 60.0,
         backend: dict[str, Any] | None = None,
+        settings: dict[str, str] | None = None,
     ) -> Gateway:
         """Our gateway; `source` is a directory holding another copy of `mcp_sse` to run instead;
         `wrapper` a command that runs it (valgrind, for `python -m bench.instructions`); `backend`
-        its servers-file entry (default: the child)."""
+        its servers-file entry (default: the child); `settings` more environment (METRICS=off)."""
         port, token = free_port(), Fernet.generate_key().decode()
         env = {
             "AUTH_TOKEN": token,
@@ -189,6 +190,7 @@ class Processes:
             "MAX_SESSIONS": "20000",
             "MAX_STREAMS_PER_KEY": "20000",
             "LOG_LEVEL": "WARNING",
+            **(settings or {}),
         }
         # This checkout's package (or the candidate's), whatever is installed in the environment.
         path = [str(source or HERE.parent), *filter(None, [os.environ.get("PYTHONPATH")])]

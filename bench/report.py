@@ -53,8 +53,10 @@ def columns(data: dict[str, Any]) -> tuple[list[str], list[tuple[str, str]]]:
     """The gateways measured, in display order, and the ratios shown: (numerator, denominator)."""
     seen = {label.split()[0] for phase in ("serial", "concurrent", "raw") for label in data.get(phase, {})}
     seen |= set(data.get("idle", {}))
-    names = [n for n in ("ours", "candidate", "ours-remote", *PEERS, "stdio") if n in seen]
-    ratios = [("ours", n) for n in names if n not in ("ours", "candidate", "ours-remote")]
+    names = [n for n in ("ours", "candidate", "ours-nometrics", "ours-remote", *PEERS, "stdio") if n in seen]
+    ratios = [("ours", n) for n in names if n not in ("ours", "candidate", "ours-nometrics", "ours-remote")]
+    if "ours-nometrics" in names:  # --metrics-ab: what metrics on cost (ours has them on)
+        ratios.append(("ours", "ours-nometrics"))
     if "ours-remote" in names and "supergateway" in names:
         ratios.append(("ours-remote", "supergateway"))
     if "candidate" in names:
@@ -322,6 +324,7 @@ def chart(data: dict[str, Any], path: Path) -> Path | None:
     colors = {
         "ours": "#2a7ab9",
         "candidate": "#7fb8e0",
+        "ours-nometrics": "#9fd0a0",
         "supergateway": "#e07b39",
         "mcp-proxy": "#8a8a8a",
         "stdio": "#3a9d5d",

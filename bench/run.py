@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="also run the mcp_sse package found in this directory (an A/B of a patch)",
     )
+    parser.add_argument(
+        "--metrics-ab",
+        action="store_true",
+        help="also run ours with METRICS=off (ours-nometrics): what the metrics cost per call",
+    )
     parser.add_argument("--label", help="results file name (default: quick, or full with --streams >= 10000)")
     return parser
 
@@ -157,6 +162,8 @@ async def _run(args: argparse.Namespace, peers: list[str], processes: Processes,
     gateways = [processes.ours(tmp / "servers.json")]
     if args.candidate is not None:
         gateways.append(processes.ours(tmp / "candidate.json", "candidate", args.candidate.resolve()))
+    if args.metrics_ab:  # ours keeps its metrics on (the default), this one has none
+        gateways.append(processes.ours(tmp / "nometrics.json", "ours-nometrics", settings={"METRICS": "off"}))
     if "supergateway" in peers:
         upstream = processes.supergateway("mcp")
         gateways += [processes.supergateway("sse"), upstream]

@@ -337,11 +337,10 @@ class Metrics:
         resource = request.match_info.route.resource
         route = UNMATCHED if resource is None else resource.canonical
         method = request.method
-        key = (route, method, status)
+        key = (route, method if method in METHODS else OTHER, status)  # any token is a method to aiohttp
         inc = self._http.get(key)
         if inc is None:
-            shown = method if method in METHODS else OTHER
-            inc = self._http[key] = self.http_requests.labels(route, shown, str(status)).inc
+            inc = self._http[key] = self.http_requests.labels(key[0], key[1], str(status)).inc
         inc()
 
     def _auth_success(self, request: web.Request) -> None:
