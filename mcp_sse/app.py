@@ -1,4 +1,5 @@
-"""create_app(settings): the ordered middleware pipeline, the routes, and the lifecycle. Nothing else."""
+"""create_app(settings): the ordered middleware pipeline, the routes, the lifecycle, and what a
+reload (SIGHUP) changes in them. Nothing else."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
@@ -18,7 +20,7 @@ from aiohttp_session import session_middleware
 from .gateway import Gateway
 from .oauth.clients import DEFAULT_REDIRECT_URIS
 from .oauth.gate import ResourceGate, resource_path
-from .oauth.metadata import protected_resource_metadata, well_known_path
+from .oauth.metadata import canonical_resource, protected_resource_metadata, well_known_path
 from .oauth.resource import FetchPolicy, JwtVerifier
 from .oauth.server import AUTHORIZE_PATH, LOGIN_PATH, OAuthServer, add_oauth_server_routes
 from .oauth.server import PUBLIC_PATHS as OAUTH_SERVER_PATHS
@@ -50,28 +52,58 @@ from .state import (
     BACKENDS,
     KEYS,
     LOGINS,
+    MOUNTS,
     PRINCIPALS,
     SESSIONS,
+    SPECS,
     TASKS,
     TRANSPORT,
     TransportSettings,
 )
 from .store.sqlite import SQLiteStore
-from .transport.legacy_sse import LegacySSE
-from .transport.streamable import StreamableHTTP
+from .transport.common import spawn
+from .transport.routes import MCP_PATHS, SERVER_PREFIX, Mounts, add_mcp_routes
+from .upstream import reload
 from .upstream.aggregate import AggregateBackend
 from .upstream.backend import Backend
 from .upstream.breaker import observe
 from .upstream.builtin import BuiltinBackend
-from .upstream.config import load_servers
+from .upstream.config import ConfigError, ServerSpec, load_servers
 from .upstream.default import default_toolset
 from .upstream.factory import build_backend
 
-__all__ = ["build_backends", "create_app", "end_identities", "reload_keys", "revive_backends"]
+__all__ = [
+    "build_backends",
+    "create_app",
+    "end_identities",
+    "reload_keys",
+    "reload_servers",
+    "revive_backends",
+]
 
 log = logging.getLogger("mcp_sse")
 
 REAP_INTERVAL: Final = 5.0
+
+
+Builder = Callable[[ServerSpec], Backend]
+
+
+def _load_servers(
+    settings: Settings, environ: Mapping[str, str], env_file: Path | None
+) -> tuple[list[ServerSpec], Builder]:
+    """SERVERS_FILE's entries, and how to build each one's backend. A reload calls this again:
+    `.env` is read again with the file, since the file's ${VAR}s and the children's environment
+    come from it (the gateway's own settings are not reloaded)."""
+    assert settings.servers_file is not None
+    # Backends see the environment and `.env` (their API keys), never the gateway's own secrets.
+    merged = {**(read_env_file(env_file) if env_file else {}), **environ}
+    base_env = {k: v for k, v in merged.items() if k not in GATEWAY_SECRETS}
+
+    def build(spec: ServerSpec) -> Backend:
+        return build_backend(spec, max_line=settings.max_line, base_env=base_env)
+
+    return load_servers(settings.servers_file, merged), build
 
 
 def build_backends(
@@ -82,31 +114,8 @@ def build_backends(
         toolset = default_toolset(lambda: {"backends": [b.status() for b in backends.values()]})
         backends[toolset.name] = BuiltinBackend(toolset)
         return backends
-    # Backends see the environment and `.env` (their API keys), never the gateway's own secrets.
-    merged = {**(read_env_file(env_file) if env_file else {}), **environ}
-    base_env = {k: v for k, v in merged.items() if k not in GATEWAY_SECRETS}
-    for spec in load_servers(settings.servers_file, merged):
-        backends[spec.name] = build_backend(spec, max_line=settings.max_line, base_env=base_env)
-    return backends
-
-
-def _mcp_paths(prefix: str) -> list[str]:
-    return [f"{prefix}/sse", f"{prefix}/messages", f"{prefix}/mcp", f"{prefix}/mcp/"]
-
-
-def _add_mcp_routes(app: web.Application, prefix: str, gateway: Gateway) -> None:
-    legacy = LegacySSE(gateway, f"{prefix}/messages")
-    streamable = StreamableHTTP(gateway)
-    paths = _mcp_paths(prefix)
-    app.router.add_get(paths[0], legacy.stream)
-    app.router.add_post(paths[1], legacy.post)
-    # Both spellings are served: a redirect from /mcp to /mcp/ breaks POSTing clients.
-    for path in paths[2:]:
-        app.router.add_post(path, streamable.post)
-        app.router.add_get(path, streamable.get, allow_head=False)
-        app.router.add_delete(path, streamable.delete)
-    for path in paths:
-        app[ROUTE_BACKENDS][path] = gateway.name
+    specs, build = _load_servers(settings, environ, env_file)
+    return {spec.name: build(spec) for spec in specs}
 
 
 def create_app(
@@ -117,8 +126,13 @@ def create_app(
     backends: dict[str, Backend] | None = None,
 ) -> web.Application:
     """The whole server for these settings. Secrets must be set: the CLI fails closed before this."""
-    if backends is None:
-        backends = build_backends(settings, os.environ if environ is None else environ, env_file)
+    environ = os.environ if environ is None else environ
+    specs: list[ServerSpec] = []
+    if backends is None and settings.servers_file is not None:
+        specs, build = _load_servers(settings, environ, env_file)
+        backends = {spec.name: build(spec) for spec in specs}
+    elif backends is None:
+        backends = build_backends(settings, environ)
     keys = KeyStore(settings.auth_token, settings.keys_file)
     audit = AuditLog(
         settings.audit_log,
@@ -148,9 +162,33 @@ def create_app(
         ),
     )
     principals = Principals(keys)
-    oauth = _OAuthWiring(settings, backends, keys=keys, logins=logins, audit=audit, principals=principals)
-    if oauth.public_paths:
-        auth_settings = dataclasses.replace(auth_settings, public_paths=oauth.public_paths)
+
+    def gateway(name: str, backend: Backend) -> Gateway:
+        return Gateway(
+            backend,
+            name=name,
+            policy=KeyPolicy(principals, name),
+            audit=audit,
+            audit_arguments=settings.audit_arguments,
+        )
+
+    separator = settings.tool_separator
+    if len(backends) == 1:
+        mounts = Mounts(gateway(*next(iter(backends.items()))))
+    else:
+        mounts = Mounts(gateway("*", AggregateBackend(backends, separator=separator)))
+    for name, backend in backends.items():
+        mounts.mount(name, gateway(name, backend))
+    oauth = _OAuthWiring(
+        settings,
+        backends,
+        keys=keys,
+        logins=logins,
+        audit=audit,
+        principals=principals,
+        route_path=mounts.route_path,
+    )
+    auth_settings = dataclasses.replace(auth_settings, public_paths=oauth.public_paths)
     # Outermost first: reading this list is reading the path of every request.
     middlewares = [
         error_middleware(),
@@ -196,29 +234,22 @@ def create_app(
     app[AUDIT] = audit
     app[LOGINS] = logins
     app[PRINCIPALS] = principals
-    app[ROUTE_BACKENDS] = {}
+    app[MOUNTS] = mounts
+    app[ROUTE_BACKENDS] = mounts.backend_of
+    app[SPECS] = {spec.name: spec for spec in specs}
+    app[_RELOAD] = _Reload(
+        load=lambda: _load_servers(settings, environ, env_file),
+        gateway=gateway,
+        separator=separator,
+        oauth=oauth,
+    )
 
     app.router.add_get("/health", health)
     app.router.add_get("/mcp/servers", servers)
     add_auth_routes(app)
-
-    def gateway(name: str, backend: Backend) -> Gateway:
-        return Gateway(
-            backend,
-            name=name,
-            policy=KeyPolicy(principals, name),
-            audit=audit,
-            audit_arguments=settings.audit_arguments,
-        )
-
-    if len(backends) == 1:
-        _add_mcp_routes(app, "", gateway(*next(iter(backends.items()))))
-    else:
-        aggregate = AggregateBackend(backends, separator=settings.tool_separator)
-        _add_mcp_routes(app, "", gateway("*", aggregate))
+    add_mcp_routes(app, mounts)
+    if isinstance(aggregate := mounts.root.gateway.backend, AggregateBackend):
         app.on_startup.append(lambda app: _report_collisions(app, aggregate))
-    for name, backend in backends.items():
-        _add_mcp_routes(app, f"/servers/{name}", gateway(name, backend))
     oauth.add_routes(app)
 
     setup_cors(app, allowed_origins=settings.allowed_origins)
@@ -270,6 +301,139 @@ def revive_backends(app: web.Application) -> int:
     return started
 
 
+@dataclass
+class _Reload:
+    """What a servers reload needs besides the app's state, from create_app."""
+
+    load: Callable[[], tuple[list[ServerSpec], Builder]]
+    gateway: Callable[[str, Backend], Gateway]
+    separator: str
+    oauth: _OAuthWiring
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """One reload at a time, each planned from what the one before left."""
+
+
+_RELOAD: Final = web.AppKey("servers_reload", _Reload)
+
+
+def reload_servers(app: web.Application) -> None:
+    """SIGHUP, after the keys: SERVERS_FILE again (upstream/reload.py says how). Returns at once,
+    the reload running as a task; nothing happens to backends that came from no servers file."""
+    if app[SPECS]:
+        spawn(app, _reload_servers(app))
+
+
+async def _reload_servers(app: web.Application) -> None:
+    wiring, audit = app[_RELOAD], app[AUDIT]
+    async with wiring.lock:
+        built: dict[str, Backend] = {}
+        try:
+            specs, build = wiring.load()
+            running: dict[str, ServerSpec] = app[SPECS]
+            change = reload.plan(running, specs)
+            for spec in change.to_build:
+                built[spec.name] = backend = build(spec)
+                observe(backend, audit)
+            await reload.start(list(built.values()))
+        except BaseException as exc:  # refused whole, as a bad keys file is: the old servers stay
+            await asyncio.gather(*(b.stop() for b in built.values()), return_exceptions=True)
+            if not isinstance(exc, Exception):
+                raise  # cancelled: shutting down
+            audit.event("servers.reload", None, outcome="failed", error=str(exc)[:500])
+            # A file that does not validate says why; anything else is a bug, with its trace.
+            log.error(
+                "servers not reloaded, the old ones stay in force: %s",
+                exc,
+                exc_info=not isinstance(exc, ConfigError),
+            )
+            return
+        retired, gone = _swap(app, wiring, change, built)
+        root = app[MOUNTS].root.gateway
+        if isinstance(aggregate := root.backend, AggregateBackend):
+            # Where the aggregate stays, so do its sessions: they get the new backends, and relist.
+            sessions = [s for s in app[SESSIONS].all() if s.gateway is root and s.initialized]
+            await reload.join(sessions, list(built.values()))
+            reload.announce(sessions, [*retired, *built.values()])
+            if built:
+                await _report_collisions(app, aggregate)
+        audit.event(
+            "servers.reload",
+            None,
+            outcome="ok",
+            added=", ".join(s.name for s in change.added),
+            removed=", ".join(change.removed),
+            changed=", ".join(s.name for s in change.changed),
+        )
+        log.info(
+            "servers reloaded: %d added, %d removed, %d changed, %d unchanged",
+            *(len(names) for names in (change.added, change.removed, change.changed, change.unchanged)),
+        )
+    if retired or gone:
+        in_flight = app[TASKS] - {asyncio.current_task()}
+        spawn(
+            app,
+            reload.retire(
+                retired,
+                lambda: [s for s in app[SESSIONS].all() if s.gateway in gone],
+                in_flight,
+                app[TRANSPORT].shutdown_grace,
+            ),
+        )
+
+
+def _swap(
+    app: web.Application, wiring: _Reload, change: reload.Plan, built: Mapping[str, Backend]
+) -> tuple[list[Backend], set[Gateway]]:
+    """Put the new backends in place of the old, all at once (nothing here waits): the backends
+    to retire, and the gateways whose sessions end with them."""
+    backends, specs, mounts = app[BACKENDS], app[SPECS], app[MOUNTS]
+    retired: list[Backend] = []
+    gone: set[Gateway] = set()
+    for name in change.removed:
+        retired.append(backends.pop(name))
+        del specs[name]
+        if (endpoint := mounts.unmount(name)) is not None:
+            gone.add(endpoint.gateway)
+    for spec in change.to_build:
+        if (old := backends.get(spec.name)) is not None:
+            retired.append(old)
+        backends[spec.name] = built[spec.name]  # a changed one keeps its place in the order
+        specs[spec.name] = spec
+        if (endpoint := mounts.mount(spec.name, wiring.gateway(spec.name, built[spec.name]))) is not None:
+            gone.add(endpoint.gateway)
+    # The root serves one backend as it is, several through the aggregate. When that changes,
+    # or the one it served is replaced, its sessions end: their tool names would no longer hold.
+    root = mounts.root.gateway
+    new_root: Gateway | None = None
+    if len(backends) == 1:
+        name, only = next(iter(backends.items()))
+        new_root = None if root.backend is only else wiring.gateway(name, only)
+    elif not isinstance(root.backend, AggregateBackend):
+        new_root = wiring.gateway("*", AggregateBackend(backends, separator=wiring.separator))
+    else:
+        _forget(root, {b.name for b in retired}, wiring.separator)
+    if new_root is not None:
+        gone.add(mounts.replace_root(new_root).gateway)
+    if isinstance(aggregate := mounts.root.gateway.backend, AggregateBackend):
+        aggregate.timeout = max(b.timeout for b in backends.values())
+    wiring.oauth.refresh(backends)
+    return retired, gone
+
+
+def _forget(root: Gateway, names: set[str], separator: str) -> None:
+    """What the aggregate and its gateway remember of backends that are gone: resource owners
+    (a read would go to a backend no longer there) and tool schemas (arguments would be checked
+    against a replaced backend's)."""
+    aggregate = root.backend
+    assert isinstance(aggregate, AggregateBackend)
+    for uri in [u for u, owner in aggregate.resource_owner.items() if owner in names]:
+        del aggregate.resource_owner[uri]
+    prefixes = tuple(name + separator for name in names)
+    for cache in (root._schemas, root._validators):
+        for tool in [t for t in cache if t.startswith(prefixes)]:
+            del cache[tool]
+
+
 def end_identities(app: web.Application, key_ids: set[str]) -> int:
     """Close every MCP session and cookie login of these keys (revoked or expired)."""
     if not key_ids:
@@ -300,23 +464,23 @@ class _OAuthWiring:
         logins: Logins,
         audit: AuditLog,
         principals: Principals,
+        route_path: Callable[[web.Request], str | None],
     ) -> None:
         self.gate: ResourceGate | None = None
         self.server: OAuthServer | None = None
         self.verifier: JwtVerifier | None = None
-        self.public_paths: frozenset[str] = frozenset()
+        self.public_paths: set[str] = set()
+        """Live: a reload changes the metadata documents, and the auth chain holds this set."""
         self.page_origins: dict[str, list[str]] = {}
         self.login_paths: tuple[str, ...] = ("/auth/login",)
         self.documents: dict[str, dict[str, object]] = {}
+        self.public = settings.public_origin
+        self.issuers: list[str] = []
+        self._fixed_public: frozenset[str] = frozenset()
         if not settings.oauth:
             return
-        public = settings.public_origin
-        routes = [
-            path for prefix in ["", *(f"/servers/{n}" for n in backends)] for path in _mcp_paths(prefix)
-        ]
-        # "" is the gateway itself (PUBLIC_URL): the resource of its routes that are no MCP route.
-        resources = ["", *dict.fromkeys(resource_path(path) for path in routes)]
-        issuers: list[str] = []
+        public = self.public
+        issuers = self.issuers
         if settings.oauth_server:
             state_dir = settings.state_dir
             try:
@@ -325,7 +489,7 @@ class _OAuthWiring:
                 raise SettingsError(f"STATE_DIR={state_dir}: {exc}") from None
             self.server = OAuthServer(
                 issuer=public,
-                resource_urls=[public + path for path in resources],
+                resource_urls=[public + path for path in _resources(backends)],
                 keys=keys,
                 logins=logins,
                 store=SQLiteStore(state_dir / "oauth.sqlite3"),
@@ -342,7 +506,7 @@ class _OAuthWiring:
             self.page_origins = {AUTHORIZE_PATH: [public], LOGIN_PATH: [public]}
             # A key typed into the sign-in page is a guess like any other: counted by the lockout.
             self.login_paths = ("/auth/login", LOGIN_PATH)
-            self.public_paths = OAUTH_SERVER_PATHS
+            self._fixed_public = OAUTH_SERVER_PATHS
         if settings.oauth_issuers:
             loopback = any(
                 urlsplit(i).scheme == "http" and is_loopback(urlsplit(i).hostname or "")
@@ -355,18 +519,38 @@ class _OAuthWiring:
             issuers.extend(settings.oauth_issuers)
         self.gate = ResourceGate(
             public_url=public,
-            routes=routes,
+            route_path=route_path,
             principals=principals,
             own=self.server.tokens if self.server is not None else None,
             verifier=self.verifier,
         )
-        for path in resources:
-            self.documents[well_known_path(path)] = protected_resource_metadata(public + path, issuers)
-        self.public_paths = self.public_paths | frozenset(self.documents)
+        self.refresh(backends)
+
+    def refresh(self, names: Iterable[str]) -> None:
+        """The resources of these backends' routes and their metadata: at start, after a reload."""
+        if self.gate is None:
+            return
+        resources = _resources(names)
+        if self.server is not None:  # the resources a token may be asked for (RFC 8707)
+            self.server.resources = frozenset(canonical_resource(self.public + path) for path in resources)
+        self.documents = {
+            well_known_path(path): protected_resource_metadata(self.public + path, self.issuers)
+            for path in resources
+        }
+        self.public_paths.clear()
+        self.public_paths.update(self._fixed_public, self.documents)
+
+    async def _document(self, request: web.Request) -> web.Response:
+        """RFC 9728 protected-resource metadata: public, the same for everyone."""
+        document = self.documents.get(request.path)
+        if document is None:  # a backend gone, or never there
+            raise web.HTTPNotFound()
+        return web.json_response(document, headers={"Cache-Control": "public, max-age=3600"})
 
     def add_routes(self, app: web.Application) -> None:
-        for path, document in self.documents.items():
-            app.router.add_get(path, _metadata_handler(document))
+        if self.gate is not None:  # routes for any name ("{name}"): which documents exist is `documents`
+            for path in _resources(["{name}"]):
+                app.router.add_get(well_known_path(path), self._document)
         if self.server is not None:
             add_oauth_server_routes(app, self.server)  # and its store's lifecycle
         if (verifier := self.verifier) is not None:
@@ -377,13 +561,11 @@ class _OAuthWiring:
             app.on_cleanup.append(close_verifier)
 
 
-def _metadata_handler(document: Mapping[str, object]) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """RFC 9728 protected-resource metadata: public, the same for everyone."""
-
-    async def handler(request: web.Request) -> web.Response:
-        return web.json_response(document, headers={"Cache-Control": "public, max-age=3600"})
-
-    return handler
+def _resources(names: Iterable[str]) -> list[str]:
+    """The paths of the protected resources: "" is the gateway itself (PUBLIC_URL), the resource
+    of its routes that are no MCP route; then the root's MCP routes, then each backend's."""
+    prefixes = ["", *(SERVER_PREFIX.format(name=name) for name in names)]
+    return ["", *dict.fromkeys(resource_path(prefix + path) for prefix in prefixes for path in MCP_PATHS)]
 
 
 async def _backends_lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -26,7 +26,7 @@ from aiohttp import web
 from cryptography.fernet import Fernet
 
 from . import __version__
-from .app import build_backends, create_app, reload_keys, revive_backends
+from .app import build_backends, create_app, reload_keys, reload_servers, revive_backends
 from .ops import sd_notify, selftest
 from .ops.connections import BACKLOG, AppRunner, fit_open_file_limit, quiet_accept_errors
 from .security.check import Finding, audit_settings
@@ -368,6 +368,7 @@ async def serve(settings: Settings, env_file: Path | None = None) -> None:
         sd_notify.notify("RELOADING=1", f"MONOTONIC_USEC={sd_notify.monotonic_usec()}")
         reload_keys(app)
         revive_backends(app)  # failed backends start again; READY=1 does not wait for them
+        reload_servers(app)  # nor for the servers file's changes, which it starts applying
         sd_notify.notify("READY=1")
 
     loop.add_signal_handler(signal.SIGHUP, reload)

@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from .security.cookies import Logins
     from .security.keys import ApiKey, KeyStore
     from .security.principals import Principals
+    from .transport.routes import Mounts
     from .upstream.backend import Backend
+    from .upstream.config import ServerSpec
 
 __all__ = [
     "API_KEY",
@@ -27,11 +29,13 @@ __all__ = [
     "IDENTITY",
     "KEYS",
     "LOGINS",
+    "MOUNTS",
     "PRINCIPAL",
     "PRINCIPALS",
     "REQUEST_ID",
     "SECURE",
     "SESSIONS",
+    "SPECS",
     "TASKS",
     "TRANSPORT",
     "IPAddress",
@@ -54,6 +58,12 @@ SESSIONS: Final = web.AppKey("sessions", SessionStore)
 TRANSPORT: Final = web.AppKey("transport", TransportSettings)
 TASKS: Final = web.AppKey("tasks", set[asyncio.Task[None]])
 BACKENDS: Final = web.AppKey("backends", dict[str, "Backend"])
+"""The backends by name, changed in place by a servers reload: whatever holds it sees the change."""
+SPECS: Final = web.AppKey("specs", dict[str, "ServerSpec"])
+"""The servers-file entry each backend was built from, for the next reload to compare with; empty
+when the backends did not come from a servers file (then a reload leaves them alone)."""
+MOUNTS: Final[web.AppKey[Mounts]] = web.AppKey("mounts")
+"""What serves the root's and each `/servers/<name>/` MCP routes now."""
 KEYS: Final[web.AppKey[KeyStore]] = web.AppKey("keys")
 AUDIT: Final[web.AppKey[AuditLog]] = web.AppKey("audit")
 LOGINS: Final[web.AppKey[Logins | None]] = web.AppKey("logins")

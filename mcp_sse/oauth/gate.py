@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -64,7 +64,7 @@ class ResourceGate:
         self,
         *,
         public_url: str,
-        routes: Sequence[str],
+        route_path: Callable[[web.Request], str | None],
         principals: Principals,
         own: OwnTokens | None = None,
         verifier: JwtVerifier | None = None,
@@ -72,17 +72,17 @@ class ResourceGate:
         if own is None and verifier is None:
             raise ValueError("a resource gate needs own tokens (OAUTH_SERVER) or issuers (OAUTH_ISSUERS)")
         self.public_url = public_url.rstrip("/")
-        self.routes = frozenset(routes)
+        self.route_path = route_path
+        """The MCP route a request is on, its backend's name filled in; None off them (or for a
+        name no backend has: those get the gateway's own resource, as any unknown path does)."""
         self.principals = principals
         self.own = own
         self.verifier = verifier
 
     def _resource_path(self, request: web.Request) -> str | None:
         """The resource path of this request; None where OAuth tokens are not taken."""
-        route = request.match_info.route.resource
-        canonical = route.canonical if route is not None else None
-        if canonical is not None and canonical in self.routes:
-            return resource_path(canonical)
+        if (path := self.route_path(request)) is not None:
+            return resource_path(path)
         if request.path.startswith(KEY_ONLY_PREFIX):
             return None
         return ""

@@ -8,6 +8,7 @@ refused unless URL_AUTH=true.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -45,8 +46,9 @@ class AuthSettings:
     unguessable: frozenset[bytes] = frozenset()
     """SHA-256 digests of secrets this process generated itself (the per-run AUTH_TOKEN of a
     loopback start): 256 random bits, which no guess hits, so a lockout need not refuse them."""
-    public_paths: frozenset[str] = frozenset()
-    """More paths that need no caller (OAuth metadata, the authorization server's endpoints)."""
+    public_paths: Collection[str] = frozenset()
+    """More paths that need no caller (OAuth metadata, the authorization server's endpoints);
+    a live set, which a servers reload changes (the metadata of each backend's routes)."""
 
 
 def _presented_token(request: web.Request, url_auth: bool, gate: ResourceGate | None = None) -> str | None:
@@ -96,16 +98,14 @@ def _admitted_while_locked(request: web.Request, key: ApiKey | None, unguessable
     )
 
 
-ROUTE_BACKENDS: Final = web.AppKey("route_backends", dict[str, str])
-"""Path of each MCP route -> the backend it serves."""
+ROUTE_BACKENDS: Final[web.AppKey[Callable[[web.Request], str | None]]] = web.AppKey("route_backends")
+"""The backend this request's MCP route serves (None off the MCP routes): asked per request, from
+the route it matched, because a servers reload changes what is behind `/servers/{name}/...`."""
 
 
 def _is_stream(request: web.Request) -> bool:
     """A GET on an MCP route is an event stream, whatever its Accept header says."""
-    resource = request.match_info.route.resource
-    return (
-        request.method == "GET" and resource is not None and resource.canonical in request.app[ROUTE_BACKENDS]
-    )
+    return request.method == "GET" and request.app[ROUTE_BACKENDS](request) is not None
 
 
 def authentication(
@@ -228,8 +228,7 @@ def authorization() -> Middleware:
         key, principal = request.get(API_KEY), request.get(PRINCIPAL)
         caller = key if key is not None else principal  # a bearer or cookie key, else a token's principal
         if caller is not None and caller.backends is not None:  # limited to some backends
-            resource = request.match_info.route.resource
-            backend = request.app[ROUTE_BACKENDS].get(resource.canonical if resource else "")
+            backend = request.app[ROUTE_BACKENDS](request)
             if backend is not None and not caller.may_use_backend(backend):
                 who = f"key {key.id!r}" if key is not None else repr(caller.name)
                 raise forbidden(f"{who} may not use backend {backend!r}")

@@ -119,8 +119,9 @@ async def answer_safely(gateway: Gateway, session: Session, message: Message) ->
         return error_response(message["id"], INTERNAL_ERROR, "internal error; the request was not completed")
 
 
-def spawn(app: web.Application, coroutine: Coroutine[Any, Any, None]) -> None:
-    """Run work that outlives its request, tracked so shutdown can wait for it."""
+def spawn(app: web.Application, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """Run work that outlives its request, tracked so shutdown (and a reload's drain) can wait for it."""
     task = asyncio.create_task(coroutine)
     app[TASKS].add(task)
     task.add_done_callback(app[TASKS].discard)
+    return task

@@ -41,7 +41,7 @@ from ..protocol.session import EventStream, Session, forwardable_headers
 from ..protocol.versions import ALL_VERSIONS, HANDSHAKE_VERSIONS, MODERN_VERSIONS
 from ..state import IDENTITY, SESSIONS, TRANSPORT
 from ..upstream.backend import READY_WAIT
-from .common import http_error
+from .common import http_error, spawn
 from .sse import encode, open_sse
 
 __all__ = ["ModernHTTP", "is_modern"]
@@ -216,7 +216,7 @@ class ModernHTTP:
                 finally:
                     session.close()  # finishes the stream; a call that waited leaves the store
 
-            task = asyncio.create_task(run())
+            task = spawn(request.app, run())  # a call in flight, which a drain waits for
             after = 0
         else:
             waiting = self._waiting.pop(str(token), None)
