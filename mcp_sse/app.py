@@ -25,6 +25,7 @@ from .oauth.resource import FetchPolicy, JwtVerifier
 from .oauth.server import AUTHORIZE_PATH, LOGIN_PATH, OAuthServer, add_oauth_server_routes
 from .oauth.server import PUBLIC_PATHS as OAUTH_SERVER_PATHS
 from .oauth.tokens import SigningKey
+from .ops.admin import add_admin_routes
 from .ops.health import health, servers
 from .protocol.session import SessionStore
 from .security.audit import AuditLog
@@ -247,6 +248,7 @@ def create_app(
     app.router.add_get("/health", health)
     app.router.add_get("/mcp/servers", servers)
     add_auth_routes(app)
+    add_admin_routes(app, end_identities=end_identities)
     add_mcp_routes(app, mounts)
     if isinstance(aggregate := mounts.root.gateway.backend, AggregateBackend):
         app.on_startup.append(lambda app: _report_collisions(app, aggregate))

@@ -17,7 +17,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from ..oauth.resource import TokenError
 from ..ops.health import public_health
-from ..state import API_KEY, CLIENT_IP, IDENTITY, PRINCIPAL, SESSIONS
+from ..state import API_KEY, AUDIT, CLIENT_IP, IDENTITY, PRINCIPAL, SESSIONS
 from .audit import AuditLog, digest
 from .cookies import Logins, login_from_cookie
 from .cors import is_preflight
@@ -28,7 +28,7 @@ from .ratelimit import LOCKED_OUT, LogThrottle, RateLimiter, StreamCounter, char
 if TYPE_CHECKING:
     from ..oauth.gate import Authenticated, ResourceGate
 
-__all__ = ["ROUTE_BACKENDS", "AuthSettings", "authentication", "authorization"]
+__all__ = ["ADMIN_PREFIX", "ROUTE_BACKENDS", "AuthSettings", "authentication", "authorization"]
 
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 PUBLIC_PATHS: Final = frozenset({"/auth/login"})  # authenticates the token in its body itself
@@ -222,11 +222,40 @@ def authentication(
     return middleware
 
 
+ADMIN_PREFIX: Final = "/api/"
+"""The admin API (ops/admin.py): for unrestricted admin keys only, decided in authorization()."""
+
+
+def _admin_refusal(key: ApiKey | None, oauth: bool) -> str | None:
+    """Why this caller may not use the admin API, or None when it may."""
+    if key is None:
+        return (
+            "the admin API takes a gateway key (bearer or its cookie login), not an OAuth access token"
+            if oauth
+            else "the admin API needs an admin key"
+        )
+    if key.role != "admin":
+        return f"the admin API needs role 'admin'; key {key.id!r} has role {key.role!r}"
+    if key.backends is not None or key.tools_allow != ("*",) or key.tools_deny:
+        return f"the admin API needs an unrestricted admin key; {key.id!r} is limited to backends or tools"
+    return None
+
+
 def authorization() -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         key, principal = request.get(API_KEY), request.get(PRINCIPAL)
         caller = key if key is not None else principal  # a bearer or cookie key, else a token's principal
+        # SECURITY: the admin API makes and revokes keys and reads the whole audit trail. Only an
+        # admin key limited to nothing: a key narrowed to some backends or tools could otherwise
+        # make itself a wider one. Never an OAuth token (a person's client, for the MCP routes)
+        # nor METRICS_TOKEN. Unknown /api/ paths too, so a refused caller learns no route names.
+        if (request.path == "/api" or request.path.startswith(ADMIN_PREFIX)) and (
+            refusal := _admin_refusal(key, principal is not None)
+        ) is not None:
+            if (audit := request.app.get(AUDIT)) is not None:
+                audit.event("policy.denied", request, reason=refusal)
+            raise forbidden(refusal)
         if caller is not None and caller.backends is not None:  # limited to some backends
             backend = request.app[ROUTE_BACKENDS](request)
             if backend is not None and not caller.may_use_backend(backend):
