@@ -198,7 +198,7 @@ def create_app(
         ip_allowlist_middleware(allowed=settings.allowed_ips, audit=audit),
         origin_middleware(
             allowed_origins=settings.allowed_origins,
-            allowed_hosts=settings.allowed_hosts or None,
+            allowed_hosts=settings.host_names or None,
             audit=audit,
             path_origins=oauth.page_origins,
         ),
@@ -209,6 +209,7 @@ def create_app(
             ),
             audit=audit,
             login_paths=oauth.login_paths,
+            probe_paths=("/health",) if settings.health_public else (),
         ),
         session_middleware(CookieStorage(settings.session_secret, lifetime=settings.cookie_lifetime)),
         authentication(

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 __all__ = [
     "DEFAULT_PORT",
@@ -366,6 +367,18 @@ class Settings:
     @property
     def loopback(self) -> bool:
         return is_loopback(self.host)
+
+    @property
+    def host_names(self) -> tuple[str, ...]:
+        """The Host names requests may carry: ALLOWED_HOSTS, or on a loopback bind the loopback
+        names and PUBLIC_URL's host (SECURITY: a DNS-rebound page names its own host, and a
+        same-origin request of its own carries no Origin to refuse it by). Empty: any."""
+        if self.allowed_hosts:
+            return self.allowed_hosts
+        if not self.loopback:
+            return ()  # its public names are not knowable here; --check says to set ALLOWED_HOSTS
+        public = urlsplit(self.public_url).hostname if self.public_url else None
+        return tuple(dict.fromkeys(["localhost", "127.0.0.1", "[::1]", *([public] if public else [])]))
 
     @property
     def connection_limit(self) -> int:

@@ -541,7 +541,8 @@ def _rate_headers(answer: Answer) -> list[str]:
 
 async def check_rate_limit_headers(probe: Probe) -> Verdict:
     keyed = probe.answers.get("api") or await probe.send("GET", "/health", token=probe.token)
-    anonymous = probe.answers.get("contact") or await probe.send("GET", "/health")
+    # Not /health: a public one is a load balancer's probe, which no limit charges.
+    anonymous = await probe.send("POST", "/mcp")
     pairs = (("with a key", keyed), ("without one", anonymous))
     missing = [what for what, answer in pairs if not _rate_headers(answer)]
     if missing:

@@ -69,6 +69,12 @@ def audit_settings(settings: Settings, env_file: Path | None) -> list[Finding]:
         add("CRITICAL", f"ALLOWED_IPS lets any address in while bound to {settings.host}")
     if public and not settings.tls and not settings.trusted_proxies:
         add("CRITICAL", "no TLS and no TRUSTED_PROXIES on a network bind: tokens travel in clear text")
+    if public and not settings.allowed_hosts:
+        add(
+            "WARNING",
+            f"no ALLOWED_HOSTS while bound to {settings.host}: any Host header is answered; list the"
+            " names clients use (DNS-rebinding defence)",
+        )
     wide = [
         o
         for o in settings.allowed_origins

@@ -424,6 +424,7 @@ def ip_rate_limit_middleware(
     lockout: FailureLockout | None = None,
     key_func: Callable[[web.Request], str] | None = None,
     login_paths: Collection[str] = ("/auth/login",),
+    probe_paths: Collection[str] = (),
 ) -> Middleware:
     """Per-client request limit on a shared `limiter` (keys "ip:<address>"), and the failed-login lockout.
 
@@ -437,9 +438,13 @@ def ip_rate_limit_middleware(
 
     Preflights are not counted: a browser sends one before most requests, which would halve
     its budget; they are cheap, answered without reaching a backend, and cached (Max-Age).
+    Nor are keyless GETs of `probe_paths` (a public /health): a load balancer probing every few
+    seconds would spend the address's 100 per 15 minutes and take the instance out of rotation,
+    and the answer is a constant, reaching no backend; the connection cap still bounds them.
     """
     key_of = key_func or _client_key
     logins = frozenset(login_paths)
+    probes = frozenset(probe_paths)
     throttle = LogThrottle()
 
     @web.middleware
@@ -455,7 +460,7 @@ def ip_rate_limit_middleware(
         # address pays for what arrives without credentials and for every failed credential.
         # The RateLimit headers are added by install_rate_limit_headers' hook, on every response.
         credential = presented is not None or login or _has_cookie(request)
-        if not credential:
+        if not credential and not (request.method == "GET" and request.path in probes):
             _charge(request, key_of(request))
         try:
             return await handler(request)
