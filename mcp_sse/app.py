@@ -27,6 +27,7 @@ from .oauth.server import PUBLIC_PATHS as OAUTH_SERVER_PATHS
 from .oauth.tokens import SigningKey
 from .ops.admin import add_admin_routes
 from .ops.health import health, servers
+from .ops.metrics import Metrics
 from .protocol.session import SessionStore
 from .security.audit import AuditLog
 from .security.auth import ROUTE_BACKENDS, AuthSettings, authentication, authorization
@@ -161,6 +162,12 @@ def create_app(
         unguessable=frozenset(
             {digest(settings.auth_token.reveal())} if settings.token_generated and settings.auth_token else ()
         ),
+        metrics_token=settings.metrics_token,
+    )
+    metrics = (
+        Metrics(separator=settings.tool_separator, tls_cert=settings.tls_cert, listen=settings.metrics_listen)
+        if settings.metrics
+        else None
     )
     principals = Principals(keys)
 
@@ -193,6 +200,7 @@ def create_app(
     # Outermost first: reading this list is reading the path of every request.
     middlewares = [
         error_middleware(),
+        *([metrics.middleware()] if metrics is not None else []),  # sees the final status of each
         request_id_middleware(),
         client_ip_middleware(trusted_proxies=settings.trusted_proxies),
         ip_allowlist_middleware(allowed=settings.allowed_ips, audit=audit),
@@ -234,6 +242,8 @@ def create_app(
     app[BACKENDS] = backends
     app[KEYS] = keys
     app[AUDIT] = audit
+    if metrics is not None:
+        metrics.install(app)  # GET /metrics, the audit observer, METRICS_LISTEN
     app[LOGINS] = logins
     app[PRINCIPALS] = principals
     app[MOUNTS] = mounts

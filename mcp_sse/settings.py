@@ -31,7 +31,7 @@ __all__ = [
 DEFAULT_PORT: Final = 3001
 KEY_RATE_LIMIT_DEFAULT: Final = 9000
 """Requests per key per rate-limit window: 10 a second, sustained over the default 15 minutes."""
-GATEWAY_SECRETS: Final = frozenset({"AUTH_TOKEN", "SESSION_SECRET"})
+GATEWAY_SECRETS: Final = frozenset({"AUTH_TOKEN", "SESSION_SECRET", "METRICS_TOKEN"})
 """Never passed on to backend children: a compromised MCP server must not learn them."""
 _ENV_LINE = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*")
 
@@ -112,6 +112,22 @@ def _audit_rotate(text: str) -> str:
     if value not in ("daily", "size", "off"):  # security/audit.py's ROTATE_MODES
         raise ValueError("expected daily, size or off")
     return value
+
+
+def _metrics_listen(text: str) -> tuple[str, int]:
+    """METRICS_LISTEN: host:port ([::1]:port for IPv6) of the metrics listener, loopback only."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError("expected host:port, e.g. 127.0.0.1:9464")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not is_loopback(host):
+        # SECURITY: this listener serves /metrics with no token at all.
+        raise ValueError(
+            f"{host!r} is not a loopback address; the metrics listener has no token, so it binds "
+            "127.0.0.1, ::1 or localhost only (scrape from elsewhere through /metrics on the main "
+            "port with METRICS_TOKEN or an admin key)"
+        )
+    return host, _port(port)
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -272,6 +288,14 @@ class Settings:
     tls_key: Path | None = field(default=None, metadata={"env": "TLS_KEY", "parse": Path})
     health_public: bool = field(default=False, metadata={"env": "HEALTH_PUBLIC", "parse": _bool})
     url_auth: bool = field(default=False, metadata={"env": "URL_AUTH", "parse": _bool})
+    # -- metrics (ops/metrics.py): GET /metrics for admin keys, METRICS_TOKEN, or METRICS_LISTEN --
+    metrics: bool = field(default=True, metadata={"env": "METRICS", "parse": _bool})
+    # A bearer token that grants GET /metrics and nothing else (a scraper's credential).
+    metrics_token: Secret | None = field(default=None, metadata={"env": "METRICS_TOKEN", "parse": Secret})
+    # host:port of a second listener serving /metrics with no token; loopback addresses only.
+    metrics_listen: tuple[str, int] | None = field(
+        default=None, metadata={"env": "METRICS_LISTEN", "parse": _metrics_listen}
+    )
     # -- OAuth (all off by default) ------------------------------------------------------------
     public_url: str | None = field(default=None, metadata={"env": "PUBLIC_URL", "parse": _public_url})
     oauth_server: bool = field(default=False, metadata={"env": "OAUTH_SERVER", "parse": _bool})
@@ -305,6 +329,20 @@ class Settings:
             raise SettingsError("TOOL_SEPARATOR must be non-empty and without spaces")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SettingsError("TLS_CERT and TLS_KEY go together: set both or neither")
+        if self.metrics_listen is not None:
+            try:
+                _metrics_listen(f"[{self.metrics_listen[0]}]:{self.metrics_listen[1]}")
+            except ValueError as exc:
+                raise SettingsError(f"METRICS_LISTEN: {exc}") from None
+        if not self.metrics and (self.metrics_token or self.metrics_listen):
+            raise SettingsError("METRICS_TOKEN and METRICS_LISTEN need METRICS on: unset METRICS=off or them")
+        if self.metrics_token is not None:
+            if len(self.metrics_token.reveal()) < 32:
+                raise SettingsError(
+                    "METRICS_TOKEN must be at least 32 characters (e.g. python server_secure.py generate-key)"
+                )
+            if self.auth_token is not None and self.metrics_token.reveal() == self.auth_token.reveal():
+                raise SettingsError("METRICS_TOKEN must differ from AUTH_TOKEN: it grants /metrics only")
         if "*" in self.allowed_origins:
             # With credentials allowed, "*" would let any web page read the answers.
             raise SettingsError("ALLOWED_ORIGINS cannot be '*': list the exact origins")

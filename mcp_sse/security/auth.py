@@ -7,6 +7,7 @@ refused unless URL_AUTH=true.
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from aiohttp.typedefs import Handler, Middleware
 
 from ..oauth.resource import TokenError
 from ..ops.health import public_health
+from ..ops.metrics import METRICS_PATH
+from ..settings import Secret
 from ..state import API_KEY, AUDIT, CLIENT_IP, IDENTITY, PRINCIPAL, SESSIONS
 from .audit import AuditLog, digest
 from .cookies import Logins, login_from_cookie
@@ -28,7 +31,14 @@ from .ratelimit import LOCKED_OUT, LogThrottle, RateLimiter, StreamCounter, char
 if TYPE_CHECKING:
     from ..oauth.gate import Authenticated, ResourceGate
 
-__all__ = ["ADMIN_PREFIX", "ROUTE_BACKENDS", "AuthSettings", "authentication", "authorization"]
+__all__ = [
+    "ADMIN_PREFIX",
+    "METRICS_SCRAPER",
+    "ROUTE_BACKENDS",
+    "AuthSettings",
+    "authentication",
+    "authorization",
+]
 
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 PUBLIC_PATHS: Final = frozenset({"/auth/login"})  # authenticates the token in its body itself
@@ -49,6 +59,12 @@ class AuthSettings:
     public_paths: Collection[str] = frozenset()
     """More paths that need no caller (OAuth metadata, the authorization server's endpoints);
     a live set, which a servers reload changes (the metadata of each backend's routes)."""
+    metrics_token: Secret | None = None
+    """METRICS_TOKEN: a bearer token for GET /metrics and nothing else."""
+
+
+METRICS_SCRAPER: Final = web.RequestKey("metrics_scraper", bool)
+"""Set when METRICS_TOKEN authenticated the request: it may read /metrics, and only that."""
 
 
 def _presented_token(request: web.Request, url_auth: bool, gate: ResourceGate | None = None) -> str | None:
@@ -130,6 +146,24 @@ def authentication(
         if is_preflight(request) or request.path in PUBLIC_PATHS or request.path in settings.public_paths:
             return await handler(request)
         token = _presented_token(request, settings.url_auth, oauth)
+        metrics_token = settings.metrics_token
+        if (
+            metrics_token is not None
+            and token is not None
+            and request.path == METRICS_PATH
+            and hmac.compare_digest(token.encode(), metrics_token.reveal().encode())
+        ):
+            # A scraper: no key, no audit line per scrape; a lockout holds it as it holds a key.
+            if (left := request.get(LOCKED_OUT)) is not None:
+                raise lockout_refusal(left)
+            request[IDENTITY] = "metrics-token"
+            request[METRICS_SCRAPER] = True
+            try:
+                charge_key(request, limiter, "metrics-token", settings.rate_limit)
+            except web.HTTPTooManyRequests:
+                audit.event("rate_limited", request, scope="key")
+                raise
+            return await handler(request)
         if token is None and settings.health_public and request.path == "/health":
             return public_health(request.app)  # /health's code and status for load balancers, no names
         authenticated: Authenticated | None = None
@@ -256,6 +290,13 @@ def authorization() -> Middleware:
             if (audit := request.app.get(AUDIT)) is not None:
                 audit.event("policy.denied", request, reason=refusal)
             raise forbidden(refusal)
+        # Metrics name backends, tools and traffic: admin keys and the scraper's METRICS_TOKEN only.
+        if (
+            request.path == METRICS_PATH
+            and not request.get(METRICS_SCRAPER)
+            and (caller is None or caller.role != "admin")
+        ):
+            raise forbidden("/metrics needs an admin key or METRICS_TOKEN")
         if caller is not None and caller.backends is not None:  # limited to some backends
             backend = request.app[ROUTE_BACKENDS](request)
             if backend is not None and not caller.may_use_backend(backend):
