@@ -168,9 +168,12 @@ async def _run(args: argparse.Namespace, peers: list[str], processes: Processes,
         upstream = processes.supergateway("mcp")
         gateways += [processes.supergateway("sse"), upstream]
         # Ours with a remote backend: supergateway's Streamable HTTP, so `ours-remote` against
-        # `supergateway` is what putting our gateway in front of a remote server costs.
+        # `supergateway` is what putting our gateway in front of a remote server costs. Pinned to a
+        # session: supergateway answers 2026-07-28 requests by starting a child for each.
         remote = processes.ours(
-            tmp / "remote.json", "ours-remote", backend={"type": "http", "url": upstream.url("mcp")}
+            tmp / "remote.json",
+            "ours-remote",
+            backend={"type": "http", "url": upstream.url("mcp"), "protocol": "2025-11-25"},
         )
         remote.note = (
             "ours-remote: our gateway with supergateway's Streamable HTTP (mcp) as its remote backend"

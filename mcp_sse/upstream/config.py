@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from ..protocol.versions import ALL_VERSIONS, MODERN_VERSIONS
 from ..settings import GATEWAY_SECRETS
 
 __all__ = [
@@ -44,7 +45,9 @@ _PER_SESSION_KEYS: Final = frozenset({"isolation", "max_sessions", "idle_timeout
 CHILD_KEYS: Final = _COMMON_KEYS | _PER_SESSION_KEYS | {"command", "args", "env", "cwd", "env_from_headers"}
 MODULE_KEYS: Final = _COMMON_KEYS | {"module"}
 REMOTE_KEYS: Final = (
-    _COMMON_KEYS | _PER_SESSION_KEYS | {"type", "url", "headers", "headers_from_request", "tls", "auth"}
+    _COMMON_KEYS
+    | _PER_SESSION_KEYS
+    | {"type", "url", "headers", "headers_from_request", "tls", "auth", "protocol"}
 )
 SERVER_KEYS: Final = CHILD_KEYS | MODULE_KEYS | REMOTE_KEYS
 REMOTE_TYPES: Final = ("http", "sse", "ws")
@@ -157,6 +160,8 @@ class ServerSpec:
     """Inbound request header -> upstream header; per-session remote backends only."""
     tls: TlsSpec = field(default_factory=TlsSpec)
     auth: OAuth2Spec | None = None
+    protocol: str | None = None
+    """The MCP revision to speak to a remote: None asks it (server/discover) and prefers 2026-07-28."""
 
     @property
     def kind(self) -> str:
@@ -312,7 +317,13 @@ def _remote(entry: dict[str, Any], where: str, environ: Mapping[str, str]) -> di
         verify=tls.get("verify", True),
         **{k: _file(tls[k], f"{where}.tls.{k}", environ) for k in ("ca_file", "cert", "key") if k in tls},
     )
+    protocol = entry.get("protocol")
+    if protocol is not None and protocol not in ALL_VERSIONS:
+        raise ConfigError(f"{where}.protocol must be one of {', '.join(ALL_VERSIONS)}")
+    if protocol in MODERN_VERSIONS and transport in ("sse", "ws"):
+        raise ConfigError(f'{where}: protocol {protocol} is spoken over "type": "http" only')
     return {
+        "protocol": protocol,
         "url": url,
         "transport": transport,
         "headers": headers,

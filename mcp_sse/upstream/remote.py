@@ -42,7 +42,7 @@ from .. import __version__
 from ..protocol.jsonrpc import INTERNAL_ERROR, Message, dumps, error_response
 from ..protocol.param_headers import encode_header_value, param_headers
 from ..protocol.session import Session
-from ..protocol.versions import LATEST_HANDSHAKE, MODERN_VERSIONS
+from ..protocol.versions import HANDSHAKE_VERSIONS, LATEST_HANDSHAKE, MODERN_VERSIONS
 from .backend import BACKOFF_BASE, BACKOFF_MAX, CRASH_LOOP_COUNT, INIT_TIMEOUT, READY_WAIT, Backend
 from .child import accept
 from .config import ServerSpec
@@ -181,9 +181,14 @@ class _StreamableLink(_Link):
         self._calls: dict[Any, asyncio.Task[None]] = {}  # upstream id -> its POST
 
     async def open(self) -> None:
+        pinned = self.remote.spec.protocol
+        if pinned in HANDSHAKE_VERSIONS:
+            return  # the operator chose a session (say, a proxy that starts a child per request)
         if await self._discover():
             self.modern = True
             self.version = MODERN
+        elif pinned is not None:
+            raise RemoteError(f"the server does not answer server/discover at {pinned}")
 
     async def _discover(self) -> bool:
         """Whether the server speaks 2026-07-28: a server/discover it answers with that version."""
@@ -708,7 +713,7 @@ class RemoteBackend(Backend):
 
     async def _initialize(self) -> None:
         params = {
-            "protocolVersion": LATEST_HANDSHAKE,
+            "protocolVersion": self.spec.protocol or LATEST_HANDSHAKE,
             "capabilities": {"sampling": {}, "elicitation": {}, "roots": {"listChanged": True}},
             "clientInfo": {"name": "mcp-sse", "version": __version__},
         }

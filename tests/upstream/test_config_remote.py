@@ -86,6 +86,8 @@ def test_claude_code_remote_entries_accepted(tmp_path: Path) -> None:
             "is not a header to set",
         ),
         ({"url": "https://x/mcp", "tls": {"verify": "no"}}, "tls.verify must be true or false"),
+        ({"url": "https://x/mcp", "protocol": "2099-01-01"}, ".protocol must be one of 2024-11-05"),
+        ({"url": "https://x/sse", "type": "sse", "protocol": "2026-07-28"}, 'over "type": "http" only'),
         ({"url": "https://x/mcp", "tls": {"ca": "x"}}, ".tls is an object of"),
         ({"url": "https://x/mcp", "tls": {"ca_file": "/nonexistent/ca.pem"}}, "is not a readable file"),
         ({"url": "https://x/mcp", "auth": {"type": "basic"}}, '.auth must be {"type": "oauth2"'),

@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.conftest import StartGateway, mcp_client
@@ -108,3 +109,21 @@ async def test_supergateway_behind_the_gateway(
         for _ in range(3):  # a session, or none, that holds across calls
             result = await client.call_tool("get_current_time", {"timezone": "UTC"})
             assert not result.is_error and '"timezone": "UTC"' in result.content[0].text
+
+
+async def test_a_pinned_protocol_keeps_one_upstream_session(
+    start_gateway: StartGateway, supergateway: Callable[[str], Awaitable[str]]
+) -> None:
+    """supergateway answers server/discover at 2026-07-28 by starting a child per request; pinned
+    to a handshake revision, the gateway keeps one session (one child) instead."""
+    url = await supergateway("streamable-stateful")
+    gw = await start_gateway({"time": {"type": "http", "url": url, "protocol": "2025-11-25"}})
+    async with mcp_client(gw.url, gw.token) as client:
+        for _ in range(3):
+            assert not (await client.call_tool("get_current_time", {"timezone": "UTC"})).is_error
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{gw.url}/mcp/servers", headers=gw.headers) as answer,
+    ):
+        (status,) = (await answer.json())["servers"]
+    assert status["era"] == "session"
