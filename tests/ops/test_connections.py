@@ -30,6 +30,7 @@ from tests.reliability.harness import wait_until
 from tests.security.test_operations import self_signed
 
 TOKEN = secrets.token_urlsafe(32)
+HEALTH_REQUEST = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
 LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
 
 
@@ -237,7 +238,7 @@ async def test_an_address_outside_the_allowlist_is_refused_when_it_connects(tmp_
         ]
         assert await first_bytes(insiders[0][0], 0.5) is None  # admitted: it waits for a request
         reader, writer = insiders[0]
-        writer.write(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+        writer.write(HEALTH_REQUEST)
         assert (await reader.readline()).startswith(b"HTTP/1.1 200 ")
         await close_all(outsiders + insiders)
     denials = [line for line in server.lines if '"event": "ip.denied"' in line]
@@ -275,7 +276,7 @@ async def test_over_tls_a_connection_is_screened_before_its_handshake(tmp_path: 
         # each with a request right behind the handshake (TLS 1.3 sends it with the Finished).
         for _ in range(5):
             reader, writer = await asyncio.open_connection(host, int(port), ssl=client_tls(cert))
-            writer.write(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+            writer.write(HEALTH_REQUEST)
             assert (await asyncio.wait_for(reader.readline(), 30)).startswith(b"HTTP/1.1 200 ")
             writer.close()
             # Closed on both ends (the server answered our close_notify) before the next one.
@@ -312,7 +313,7 @@ async def test_over_tls_an_address_outside_the_allowlist_gets_no_handshake(tmp_p
         reader, writer = await asyncio.open_connection(
             host, int(port), ssl=client_tls(cert), local_addr=("127.0.0.2", 0)
         )
-        writer.write(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+        writer.write(HEALTH_REQUEST)
         assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200 ")
         writer.close()
 
