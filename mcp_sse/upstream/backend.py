@@ -19,7 +19,7 @@ from .child import STOP_GRACE, ChildProcess
 from .config import ServerSpec
 from .multiplex import Multiplexer
 
-__all__ = ["READY_WAIT", "Backend", "StdioBackend"]
+__all__ = ["READY_WAIT", "Backend", "MultiplexedBackend", "StdioBackend"]
 
 log = logging.getLogger("mcp_sse.upstream")
 
@@ -111,7 +111,52 @@ class Backend(ABC):
         return {"name": self.name, "state": self.state}
 
 
-class StdioBackend(Backend):
+class MultiplexedBackend(Backend):
+    """A backend reached over one MCP connection that many sessions share through a Multiplexer
+    (a stdio child, a remote server): every client-facing call is the Multiplexer's."""
+
+    mux: Multiplexer
+
+    def _unavailable(self) -> str:
+        return f"backend {self.name!r} is {self.state}"
+
+    async def _refusal(self, message: Message) -> Message | None:
+        """None once the backend is running (waiting READY_WAIT for it), else the error to answer."""
+        if self.state == "running" or await self.wait_ready(READY_WAIT):
+            return None
+        return error_response(message["id"], INTERNAL_ERROR, self._unavailable())
+
+    async def request(self, session: Session, message: Message) -> Message:
+        if (refusal := await self._refusal(message)) is not None:
+            return refusal
+        return await self.mux.call(session, message, self.timeout)
+
+    def notify(self, session: Session, message: Message) -> None:
+        self.mux.client_notification(session, message)
+
+    def respond(self, session: Session, message: Message) -> bool:
+        return self.mux.client_response(session, message)
+
+    async def subscribe(self, session: Session, message: Message) -> Message:
+        if (refusal := await self._refusal(message)) is not None:
+            return refusal
+        return await self.mux.subscribe(session, message, self.timeout)
+
+    async def unsubscribe(self, session: Session, message: Message) -> Message:
+        self.mux.unsubscribe(session, str((message.get("params") or {}).get("uri")))
+        return {"jsonrpc": "2.0", "id": message["id"], "result": {}}
+
+    def abort(self, reason: str) -> None:
+        self.mux.fail_all(reason)
+
+    def attach(self, session: Session) -> None:
+        self.mux.attach(session)
+
+    def detach(self, session: Session) -> None:
+        self.mux.detach(session)
+
+
+class StdioBackend(MultiplexedBackend):
     """A supervised child: initialized by the gateway itself, restarted with backoff, never a zombie."""
 
     def __init__(self, spec: ServerSpec, *, max_line: int, base_env: Mapping[str, str]) -> None:
@@ -289,35 +334,6 @@ class StdioBackend(Backend):
         if self._child is not None:
             await self._child.stop()
         self.state = "stopped"
-
-    async def request(self, session: Session, message: Message) -> Message:
-        if self.state != "running" and not await self.wait_ready(READY_WAIT):
-            return error_response(message["id"], INTERNAL_ERROR, f"backend {self.name!r} is {self.state}")
-        return await self.mux.call(session, message, self.timeout)
-
-    def notify(self, session: Session, message: Message) -> None:
-        self.mux.client_notification(session, message)
-
-    def respond(self, session: Session, message: Message) -> bool:
-        return self.mux.client_response(session, message)
-
-    async def subscribe(self, session: Session, message: Message) -> Message:
-        if self.state != "running" and not await self.wait_ready(READY_WAIT):
-            return error_response(message["id"], INTERNAL_ERROR, f"backend {self.name!r} is {self.state}")
-        return await self.mux.subscribe(session, message, self.timeout)
-
-    async def unsubscribe(self, session: Session, message: Message) -> Message:
-        self.mux.unsubscribe(session, str((message.get("params") or {}).get("uri")))
-        return {"jsonrpc": "2.0", "id": message["id"], "result": {}}
-
-    def abort(self, reason: str) -> None:
-        self.mux.fail_all(reason)
-
-    def attach(self, session: Session) -> None:
-        self.mux.attach(session)
-
-    def detach(self, session: Session) -> None:
-        self.mux.detach(session)
 
     def status(self) -> dict[str, Any]:
         return {

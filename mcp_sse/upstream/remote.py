@@ -39,11 +39,10 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 
 from .. import __version__
-from ..protocol.jsonrpc import INTERNAL_ERROR, Message, dumps, error_response
+from ..protocol.jsonrpc import Message, dumps
 from ..protocol.param_headers import encode_header_value, param_headers
-from ..protocol.session import Session
 from ..protocol.versions import HANDSHAKE_VERSIONS, LATEST_HANDSHAKE, MODERN_VERSIONS
-from .backend import BACKOFF_BASE, BACKOFF_MAX, CRASH_LOOP_COUNT, INIT_TIMEOUT, READY_WAIT, Backend
+from .backend import BACKOFF_BASE, BACKOFF_MAX, CRASH_LOOP_COUNT, INIT_TIMEOUT, MultiplexedBackend
 from .child import accept
 from .config import ServerSpec
 from .multiplex import Multiplexer
@@ -475,7 +474,7 @@ class _WebSocketLink(_Link):
         await super().close()
 
 
-class RemoteBackend(Backend):
+class RemoteBackend(MultiplexedBackend):
     def __init__(self, spec: ServerSpec, *, max_message: int) -> None:
         super().__init__()
         self.spec = spec
@@ -747,42 +746,11 @@ class RemoteBackend(Backend):
             await self._http.close()
         self.state = "stopped"
 
-    # -- the Backend interface ----------------------------------------------------------------------
+    # -- the Backend interface (the rest is MultiplexedBackend's) ------------------------------
 
-    async def _ready_or_error(self, message: Message) -> Message | None:
-        if self.state == "running" or await self.wait_ready(READY_WAIT):
-            return None
+    def _unavailable(self) -> str:
         why = f": {self.last_error}" if self.last_error else ""
-        return error_response(message["id"], INTERNAL_ERROR, f"backend {self.name!r} is {self.state}{why}")
-
-    async def request(self, session: Session, message: Message) -> Message:
-        if (refusal := await self._ready_or_error(message)) is not None:
-            return refusal
-        return await self.mux.call(session, message, self.timeout)
-
-    def notify(self, session: Session, message: Message) -> None:
-        self.mux.client_notification(session, message)
-
-    def respond(self, session: Session, message: Message) -> bool:
-        return self.mux.client_response(session, message)
-
-    async def subscribe(self, session: Session, message: Message) -> Message:
-        if (refusal := await self._ready_or_error(message)) is not None:
-            return refusal
-        return await self.mux.subscribe(session, message, self.timeout)
-
-    async def unsubscribe(self, session: Session, message: Message) -> Message:
-        self.mux.unsubscribe(session, str((message.get("params") or {}).get("uri")))
-        return {"jsonrpc": "2.0", "id": message["id"], "result": {}}
-
-    def abort(self, reason: str) -> None:
-        self.mux.fail_all(reason)
-
-    def attach(self, session: Session) -> None:
-        self.mux.attach(session)
-
-    def detach(self, session: Session) -> None:
-        self.mux.detach(session)
+        return f"backend {self.name!r} is {self.state}{why}"
 
     def status(self) -> dict[str, Any]:
         link = self._link
