@@ -62,6 +62,7 @@ from .state import (
     TRANSPORT,
     TransportSettings,
 )
+from .store import redis as redis_store
 from .store.sqlite import SQLiteStore
 from .transport.common import spawn
 from .transport.routes import MCP_PATHS, SERVER_PREFIX, Mounts, add_mcp_routes
@@ -247,6 +248,7 @@ def create_app(
     app[LOGINS] = logins
     app[PRINCIPALS] = principals
     app[MOUNTS] = mounts
+    redis_store.install(app, settings.redis_url.reveal() if settings.redis_url else None)
     app[ROUTE_BACKENDS] = mounts.backend_of
     app[SPECS] = {spec.name: spec for spec in specs}
     app[_RELOAD] = _Reload(

@@ -313,6 +313,10 @@ class Settings:
     oauth_fetch_timeout: float = field(
         default=5.0, metadata={"env": "OAUTH_FETCH_TIMEOUT_SECONDS", "parse": _positive(float)}
     )
+    # -- more than one process or host (store/redis.py, cluster/) -------------------------------
+    # redis://[:password@]host:port/db or rediss:// (TLS); the password makes it a secret.
+    redis_url: Secret | None = field(default=None, metadata={"env": "REDIS_URL", "parse": Secret})
+    workers: int = field(default=1, metadata={"env": "WORKERS", "parse": _positive(int)})
     # STATE_DIR, else systemd's $STATE_DIRECTORY (see `load`), else ./state.
     state_dir: Path = field(default=Path("state"), metadata={"env": "STATE_DIR", "parse": Path})
     token_generated: bool = False
@@ -343,6 +347,13 @@ class Settings:
                 )
             if self.auth_token is not None and self.metrics_token.reveal() == self.auth_token.reveal():
                 raise SettingsError("METRICS_TOKEN must differ from AUTH_TOKEN: it grants /metrics only")
+        if self.redis_url is not None:
+            scheme = self.redis_url.reveal().partition("://")[0].lower()
+            if scheme not in ("redis", "rediss", "unix"):
+                raise SettingsError("REDIS_URL must be a redis://, rediss:// or unix:// URL")
+        if self.workers > 1 and self.redis_url is None:
+            # N processes with N private copies of the limits, logins and revocations would be N gateways.
+            raise SettingsError(f"WORKERS={self.workers} needs REDIS_URL: workers share their state there")
         if "*" in self.allowed_origins:
             # With credentials allowed, "*" would let any web page read the answers.
             raise SettingsError("ALLOWED_ORIGINS cannot be '*': list the exact origins")
