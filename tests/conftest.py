@@ -9,7 +9,7 @@ import re
 import secrets
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,3 +278,31 @@ async def next_message_with_id(response: Any, timeout: float = 10.0) -> tuple[st
 async def next_message(response: Any, timeout: float = 10.0) -> dict[str, Any]:
     """The next JSON-RPC message on an SSE stream, skipping keep-alives and priming events."""
     return dict((await next_message_with_id(response, timeout))[1])
+
+
+_redis_db = 0
+
+
+@pytest.fixture(scope="session")
+def _redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One redis-server for the whole session, started on first use."""
+    from .redis_server import REDIS_SERVER, redis_server
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield f"redis://127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+async def redis_url(_redis_server: str) -> str:
+    """redis://127.0.0.1:<port>/<db>: a database of the session's redis-server, emptied for this test."""
+    import redis.asyncio
+
+    global _redis_db
+    _redis_db = _redis_db % 63 + 1
+    url = f"{_redis_server}/{_redis_db}"
+    client = redis.asyncio.Redis.from_url(url)
+    await client.flushdb()
+    await client.aclose()
+    return url
