@@ -18,8 +18,9 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def certificate_authority(tmp_path: Path, name: str = "test") -> tuple[Path, Path, Path]:
-    """(CA certificate, server certificate, server key) files; the server's names are loopback's."""
+def certificate_authority(tmp_path: Path, name: str = "test", *, days: float = 1) -> tuple[Path, Path, Path]:
+    """(CA certificate, server certificate, server key) files; the server's names are loopback's, and
+    its certificate is valid `days` more (a day by default: short enough that no test trusts it long)."""
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
@@ -30,7 +31,7 @@ def certificate_authority(tmp_path: Path, name: str = "test") -> tuple[Path, Pat
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=max(days, 1)))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
@@ -42,7 +43,7 @@ def certificate_authority(tmp_path: Path, name: str = "test") -> tuple[Path, Pat
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(
             x509.SubjectAlternativeName(
                 [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]

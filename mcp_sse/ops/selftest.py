@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import ipaddress
 import json
 import os
 import re
@@ -44,6 +43,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from .. import __version__
+from ..settings import is_loopback
 
 __all__ = [
     "FAIL",
@@ -708,17 +708,8 @@ async def tls_checks(host: str, port: int, options: Options) -> tuple[list[Resul
     return results, results[-1].status == PASS
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_plain_http(host: str) -> Verdict:
-    if _loopback(host):
+    if is_loopback(host):
         return SKIP, f"plain http to {host} (loopback): no TLS to check"
     return FAIL, (
         f"plain http to {host}: the token and every answer cross the network in clear text "

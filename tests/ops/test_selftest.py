@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import ipaddress
 import json
 import os
 import secrets
@@ -21,15 +20,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from cryptography import x509
 from cryptography.fernet import Fernet
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from mcp_sse.ops import selftest
 from tests.conftest import launch
+from tests.tls import certificate_authority
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = str(REPO / "server_secure.py")
@@ -146,42 +142,9 @@ def everything_passed(done: Done) -> None:
 
 
 def issue(tmp_path: Path, days: float, name: str = "server") -> tuple[Path, Path, Path]:
-    """(CA, certificate for 127.0.0.1 and localhost valid `days` more, its key), as PEM files.
-    tests/tls.py's certificate lives a day, which the expiry check rightly fails."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = tmp_path / f"{name}-ca.pem", tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    paths[2].write_bytes(pem)
-    return paths
+    """(CA, certificate for 127.0.0.1 and localhost valid `days` more, its key): the default day
+    of tests/tls.py is what the expiry check rightly fails."""
+    return certificate_authority(tmp_path, name, days=days)
 
 
 # -- our own gateway ------------------------------------------------------------------------------
