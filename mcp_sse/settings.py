@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -133,8 +134,9 @@ def _metrics_listen(text: str) -> tuple[str, int]:
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
-        if value <= 0:
-            raise ValueError("must be positive")
+        # nan slips through `value <= 0`, and nan or inf would make a timeout or a window never end.
+        if not 0 < value < math.inf:
+            raise ValueError("must be a positive, finite number")
         return value
 
     return parse
