@@ -95,6 +95,12 @@ SECURITY_EVENTS: Final = frozenset(
         "oauth.revoke",
         "oauth.code_reuse",
         "oauth.refresh_reuse",
+        # Credentials changed through the admin API (seed 004 keeps who revoked what for a year).
+        "admin.key.create",
+        "admin.key.delete",
+        "admin.key.rotate",
+        "admin.session.delete",
+        "admin.oauth.grant.revoke",
     }
 )
 # ...and any other event whose outcome is a refusal (oauth.authorize, oauth.token, ...).

@@ -261,6 +261,8 @@ def test_settings_for_retention() -> None:
 def test_security_events_are_defined_once() -> None:
     assert {"auth.failed", "auth.locked", "policy.denied", "rate_limited", "keys.reload"} <= SECURITY_EVENTS
     assert {"ip.denied", "origin.denied", "host.denied", "session.expired"} <= SECURITY_EVENTS
+    assert {"admin.key.create", "admin.key.delete", "admin.key.rotate"} <= SECURITY_EVENTS
+    assert not is_security_event({"event": "admin.audit.query", "outcome": "ok"})
     assert is_security_event({"event": "auth.failed"})
     assert is_security_event({"event": "oauth.authorize", "outcome": "refused"})
     assert not is_security_event({"event": "oauth.authorize", "outcome": "approved"})
