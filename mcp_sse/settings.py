@@ -81,8 +81,11 @@ def read_env_file(path: str | Path) -> dict[str, str]:
     return values
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
+def is_loopback(host: str | None) -> bool:
+    """Is `host` (a name or an address, as urlsplit gives it) loopback? localhost counts (RFC 6761)."""
+    if host is None:
+        return False
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

@@ -25,7 +25,6 @@ time, and never follow a redirect to another origin.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import time
@@ -39,6 +38,7 @@ import aiohttp
 import jwt
 
 from ..security.keys import Role
+from ..settings import is_loopback
 from .metadata import ROLE_SCOPES, ErrorCode, canonical_resource
 
 __all__ = [
@@ -189,21 +189,12 @@ class FetchPolicy:
             raise FetchError(f"{url!r}: needs a host and no credentials")
         if parts.scheme == "https":
             return
-        if parts.scheme == "http" and self.allow_http_loopback and _is_loopback(parts.hostname):
+        if parts.scheme == "http" and self.allow_http_loopback and is_loopback(parts.hostname):
             return
         raise FetchError(
             f"{url!r}: only https is fetched"
             + ("" if self.allow_http_loopback else " (http only for loopback, when allowed)")
         )
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

@@ -13,7 +13,6 @@ import asyncio
 import base64
 import functools
 import hmac
-import ipaddress
 import json
 import logging
 import math
@@ -28,6 +27,7 @@ from urllib.parse import quote_plus, urlsplit
 
 import aiohttp
 
+from ..settings import is_loopback
 from .config import OAuth2Spec
 
 __all__ = ["ClientCredentials", "UpstreamAuthError", "backoff_delay", "refresh_after"]
@@ -77,17 +77,6 @@ def _shown(url: str) -> str:
     """The URL as messages name it: no query or fragment, which could carry something secret."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
-
-
-def _is_loopback(host: str | None) -> bool:
-    if host is None:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _printable(text: str, limit: int) -> str:
@@ -160,7 +149,7 @@ class ClientCredentials:
         self._refusal = (
             f"{self._where} is plain http, which would send the client secret in clear:"
             " use https (http is accepted on loopback only)"
-            if parts.scheme != "https" and not _is_loopback(parts.hostname)
+            if parts.scheme != "https" and not is_loopback(parts.hostname)
             else None
         )
 
