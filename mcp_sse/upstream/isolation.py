@@ -27,7 +27,10 @@ from ..protocol.session import Session
 from .backend import READY_WAIT, Backend
 from .config import ServerSpec
 
-__all__ = ["PerSessionBackend"]
+__all__ = ["BACKEND_BUSY", "PerSessionBackend"]
+
+BACKEND_BUSY: Final = -32005
+"""JSON-RPC server error (implementation-defined range): every per-session child is taken; retry later."""
 
 log = logging.getLogger("mcp_sse.upstream")
 REAP_INTERVAL: Final = 1.0
@@ -87,11 +90,16 @@ class PerSessionBackend(Backend):
                     log.info("backend %s: session idle for %.0f s, its child is reaped", self.name, idle)
                     session.close()
 
-    async def open_session(self, session: Session) -> str | None:
-        await self.wait_ready(READY_WAIT)  # the first child is the one learning what all offer
+    def _full(self) -> str | None:
         if len(self.children) >= self.spec.max_sessions:
             limit = self.spec.max_sessions
             return f"backend {self.name!r}: all {limit} per-session children are in use; retry later"
+        return None
+
+    async def open_session(self, session: Session) -> str | None:
+        await self.wait_ready(READY_WAIT)  # the first child is the one learning what all offer
+        if (full := self._full()) is not None:
+            return full
 
         # Only here, in a backend of its own, may a caller's header reach the child or the remote.
         def mapped(mapping: Mapping[str, str]) -> dict[str, str]:
@@ -104,8 +112,13 @@ class PerSessionBackend(Backend):
         )
         child = self.make(spec)
         self.children[session.id] = (session, child)
-        await child.start()
-        if not await child.wait_ready(READY_WAIT):
+        try:
+            await child.start()
+            ready = await child.wait_ready(READY_WAIT)
+        except BaseException:
+            self._release(session.id)  # cancelled while it started (the client left): free the place
+            raise
+        if not ready:
             self._release(session.id)
             return f"backend {self.name!r} could not start a child for this session: {child.last_error}"
         self._learn_from(child)
@@ -119,9 +132,12 @@ class PerSessionBackend(Backend):
         child = self._child(session)
         if child is None and session.kind == "modern":
             # A 2026-era request has no session to keep a child for: it gets one for itself.
-            if (problem := await self.open_session(session)) is not None:
-                return error_response(message["id"], INTERNAL_ERROR, problem)
+            if (full := self._full()) is not None:
+                # Load, not a failing backend: a code the circuit breaker does not count.
+                return error_response(message["id"], BACKEND_BUSY, full)
             try:
+                if (problem := await self.open_session(session)) is not None:
+                    return error_response(message["id"], INTERNAL_ERROR, problem)
                 return await self.request(session, message)
             finally:
                 self._release(session.id)

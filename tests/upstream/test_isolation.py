@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import traceback
@@ -14,6 +15,7 @@ import pytest
 
 from mcp_sse.state import TASKS
 from mcp_sse.upstream.config import ConfigError, load_servers
+from mcp_sse.upstream.isolation import BACKEND_BUSY
 from tests.conftest import SDK_SERVER, SERVERS, StartGateway, init_message, mcp_client, text_of
 from tests.interop.test_modern import MODERN, modern_headers, modern_request
 
@@ -230,3 +232,38 @@ async def test_a_2026_call_to_a_per_session_backend_has_its_arguments_checked(
                 assert body["error"]["code"] == -32602 and "integer" in body["error"]["message"]
             else:
                 assert "reached add" in json.dumps(body["result"])
+
+
+async def test_a_full_house_answers_busy_and_does_not_open_the_circuit(start_gateway: StartGateway) -> None:
+    # Before, a 2026-07-28 call finding every child taken was INTERNAL_ERROR, which the circuit
+    # breaker counts as the backend failing: load alone opened the circuit for everyone. And a call
+    # whose client left while its child was starting kept that child's place for good.
+    breaker = {"failureThreshold": 2, "volumeThreshold": 2, "timeout": 60, "successThreshold": 1}
+    gw = await start_gateway({"iso": {**PER_SESSION, "max_sessions": 1, "circuit_breaker": breaker}})
+    call = modern_headers(gw.token, "tools/call", "sleep")
+    echoing = modern_headers(gw.token, "tools/call", "echo")
+    async with aiohttp.ClientSession() as http:
+        holder = asyncio.create_task(
+            http.post(
+                gw.url + "/mcp",
+                json=modern_request("tools/call", {"name": "sleep", "arguments": {"seconds": 60}}),
+                headers=call,
+            )
+        )
+        async with asyncio.timeout(60):  # an event: the only child is taken by the sleeping call
+            while (await children(gw))["children"] != 1:
+                await asyncio.sleep(0.05)
+        echo = modern_request("tools/call", {"name": "echo", "arguments": {"text": "x"}})
+        for _ in range(4):
+            answer = await (await http.post(gw.url + "/mcp", json=echo, headers=echoing)).json()
+            assert answer["error"]["code"] == BACKEND_BUSY
+            assert "all 1 per-session children are in use" in answer["error"]["message"]
+        assert (await children(gw))["circuit"]["state"] == "closed"
+        holder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await holder
+        async with asyncio.timeout(60):  # the cancelled call's child is let go
+            while (await children(gw))["children"] != 0:
+                await asyncio.sleep(0.05)
+        answer = await (await http.post(gw.url + "/mcp", json=echo, headers=echoing)).json()
+        assert answer["result"]["content"][0]["text"] == "x"
