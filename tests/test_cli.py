@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -16,39 +17,25 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from mcp_sse.settings import Settings
 from tests.conftest import Launched, launch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "server_secure.py")
 # Every variable the gateway reads, so the developer's shell cannot change what is tested.
-GATEWAY_VARIABLES = {
-    "HOST",
-    "PORT",
-    "AUTH_TOKEN",
-    "MCP_SERVERS_FILE",
-    "LOG_LEVEL",
-    "ALLOWED_IPS",
-    "ALLOWED_HOSTS",
-    "ALLOWED_ORIGINS",
-    "TRUSTED_PROXIES",
-    "KEYS_FILE",
-    "SESSION_SECRET",
-    "AUDIT_LOG",
-    "TLS_CERT",
-    "TLS_KEY",
-    "HEALTH_PUBLIC",
-    "URL_AUTH",
+# Every setting, and what systemd passes: a developer's shell must not change these tests.
+GATEWAY_VARIABLES = {f.metadata["env"] for f in dataclasses.fields(Settings) if "env" in f.metadata} | {
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
-    "EVENT_LOOP",
-    "PUBLIC_URL",
-    "OAUTH_SERVER",
-    "OAUTH_ISSUERS",
-    "OAUTH_REDIRECT_URIS",
-    "STATE_DIR",
     "STATE_DIRECTORY",
 }
+
+
+def _ours(name: str) -> bool:
+    return name in GATEWAY_VARIABLES or name.startswith("OTEL_")  # OpenTelemetry's own (ops/tracing.py)
+
+
 TOKEN_LINE = re.compile(r"^\s*export AUTH_TOKEN=(\S+)\s*$")
 
 
@@ -56,7 +43,7 @@ TOKEN_LINE = re.compile(r"^\s*export AUTH_TOKEN=(\S+)\s*$")
 def env(tmp_path: Path) -> dict[str, str]:
     home = tmp_path / "home"
     home.mkdir()
-    clean = {k: v for k, v in os.environ.items() if k not in GATEWAY_VARIABLES}
+    clean = {k: v for k, v in os.environ.items() if not _ours(k)}
     # The audit log defaults to ./secure-server.log: keep it out of the repository.
     return {**clean, "HOME": str(home), "AUDIT_LOG": str(tmp_path / "audit.log")}
 
