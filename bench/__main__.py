@@ -1,3 +1,9 @@
+import sys
+
 from .run import main
 
+if sys.argv[1:2] == ["scale"]:  # the scale row (bench/scale.py): WORKERS=1 against 2, and the hop
+    from .scale import main as scale
+
+    raise SystemExit(scale(sys.argv[2:]))
 raise SystemExit(main())

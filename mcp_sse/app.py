@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp_session import session_middleware
 
+from .cluster import node as cluster
+from .cluster.hop import cluster_secret
 from .gateway import Gateway
 from .oauth.clients import DEFAULT_REDIRECT_URIS
 from .oauth.gate import ResourceGate, resource_path
@@ -26,13 +28,16 @@ from .oauth.server import AUTHORIZE_PATH, LOGIN_PATH, OAuthServer, add_oauth_ser
 from .oauth.server import PUBLIC_PATHS as OAUTH_SERVER_PATHS
 from .oauth.tokens import SigningKey
 from .ops.admin import add_admin_routes
+from .ops.console import LOGIN_PATH as CONSOLE_LOGIN_PATH
+from .ops.console import add_console_routes
 from .ops.health import health, servers
 from .ops.metrics import Metrics
+from .ops.tracing import Tracing, from_environ
 from .protocol.session import SessionStore
 from .security.audit import AuditLog
 from .security.auth import ROUTE_BACKENDS, AuthSettings, authentication, authorization
 from .security.client_ip import client_ip_middleware
-from .security.cookies import CookieStorage, Logins, add_auth_routes
+from .security.cookies import CookieStorage, Logins, LoginStore, add_auth_routes
 from .security.cors import setup_cors
 from .security.errors import error_middleware
 from .security.headers import install_security_headers
@@ -63,6 +68,10 @@ from .state import (
     TransportSettings,
 )
 from .store import redis as redis_store
+from .store import redis_keys
+from .store.redis_counters import RedisCounters
+from .store.redis_logins import RedisLogins
+from .store.redis_oauth import RedisOAuthStore
 from .store.sqlite import SQLiteStore
 from .transport.common import spawn
 from .transport.routes import MCP_PATHS, SERVER_PREFIX, Mounts, add_mcp_routes
@@ -127,9 +136,12 @@ def create_app(
     environ: Mapping[str, str] | None = None,
     env_file: Path | None = None,
     backends: dict[str, Backend] | None = None,
+    tracing: Tracing | None = None,
 ) -> web.Application:
-    """The whole server for these settings. Secrets must be set: the CLI fails closed before this."""
+    """The whole server for these settings. Secrets must be set: the CLI fails closed before this.
+    `tracing`: instead of what the OTEL_* variables configure (tests pass one with their exporter)."""
     environ = os.environ if environ is None else environ
+    tracing = tracing or from_environ(environ)  # None (off) unless OTEL_* ask; SettingsError sans the extra
     specs: list[ServerSpec] = []
     if backends is None and settings.servers_file is not None:
         specs, build = _load_servers(settings, environ, env_file)
@@ -147,11 +159,29 @@ def create_app(
     )
     for backend in backends.values():  # circuit changes go to the audit trail (backend.circuit)
         observe(backend, audit)
-    logins = Logins(lifetime=settings.cookie_lifetime, idle=settings.cookie_idle)
+    # With REDIS_URL the logins are shared by every instance (a logout on one ends it on all).
+    logins: LoginStore = (
+        RedisLogins(lifetime=settings.cookie_lifetime, idle=settings.cookie_idle, audit=audit)
+        if settings.redis_url
+        else Logins(lifetime=settings.cookie_lifetime, idle=settings.cookie_idle)
+    )
     if settings.session_secret is None:
         raise ValueError("create_app needs settings.session_secret; the CLI makes one for loopback runs")
     limiter = RateLimiter(
         window_ms=settings.rate_limit_window_ms, max_requests=settings.rate_limit_max_requests
+    )
+    lockout = FailureLockout(max_failures=settings.lockout_failures, lockout_seconds=settings.lockout_seconds)
+    # With REDIS_URL every instance counts in Redis (the memory ones are its fallback in an outage).
+    counters = (
+        RedisCounters(
+            limiter=limiter,
+            lockout=lockout,
+            max_streams=settings.max_streams_per_key,
+            secret=settings.session_secret.reveal().encode(),
+            audit=audit,
+        )
+        if settings.redis_url is not None
+        else None
     )
     auth_settings = AuthSettings(
         url_auth=settings.url_auth,
@@ -179,6 +209,7 @@ def create_app(
             policy=KeyPolicy(principals, name),
             audit=audit,
             audit_arguments=settings.audit_arguments,
+            tracing=tracing,
         )
 
     separator = settings.tool_separator
@@ -202,6 +233,7 @@ def create_app(
     middlewares = [
         error_middleware(),
         *([metrics.middleware()] if metrics is not None else []),  # sees the final status of each
+        *([tracing.middleware()] if tracing is not None else []),  # a span per request, as final
         request_id_middleware(),
         client_ip_middleware(trusted_proxies=settings.trusted_proxies),
         ip_allowlist_middleware(allowed=settings.allowed_ips, audit=audit),
@@ -210,19 +242,26 @@ def create_app(
             allowed_hosts=settings.host_names or None,
             audit=audit,
             path_origins=oauth.page_origins,
+            own_origin_paths=("/api/", "/console/"),  # the console's page and its fetches
+            public_url=settings.public_url,
         ),
         ip_rate_limit_middleware(
             limiter=limiter,
-            lockout=FailureLockout(
-                max_failures=settings.lockout_failures, lockout_seconds=settings.lockout_seconds
-            ),
+            lockout=lockout,
+            shared=counters,
             audit=audit,
-            login_paths=oauth.login_paths,
+            login_paths=(*oauth.login_paths, CONSOLE_LOGIN_PATH),
             probe_paths=("/health",) if settings.health_public else (),
         ),
         session_middleware(CookieStorage(settings.session_secret, lifetime=settings.cookie_lifetime)),
         authentication(
-            keys=keys, logins=logins, limiter=limiter, audit=audit, settings=auth_settings, oauth=oauth.gate
+            keys=keys,
+            logins=logins,
+            limiter=limiter,
+            audit=audit,
+            settings=auth_settings,
+            oauth=oauth.gate,
+            shared=counters,
         ),
         authorization(),
     ]
@@ -245,10 +284,31 @@ def create_app(
     app[AUDIT] = audit
     if metrics is not None:
         metrics.install(app)  # GET /metrics, the audit observer, METRICS_LISTEN
+    if tracing is not None:
+        tracing.install(app)  # SSE spans end when prepared; the exporter flushed at cleanup
     app[LOGINS] = logins
     app[PRINCIPALS] = principals
     app[MOUNTS] = mounts
     redis_store.install(app, settings.redis_url.reveal() if settings.redis_url else None)
+    if (redis := app[redis_store.REDIS]) is not None:  # the engines that share state use its one pool
+        if isinstance(logins, RedisLogins):
+            logins.bind(redis)
+        if oauth.server is not None and isinstance(oauth.server.store, RedisOAuthStore):
+            oauth.server.store.bind(redis)
+    redis_keys.install(  # key changes told to the other instances, and theirs heard here
+        app, redis, reload=lambda: reload_keys(app, announce=False), end=lambda ids: end_identities(app, ids)
+    )
+    if counters is not None:
+        counters.install(app)  # on app[REDIS]; its heartbeat keeps this process's streams counted
+    if (shared := app[redis_store.REDIS]) is not None:  # 2025-era sessions: owned here, or forwarded
+        cluster.install(
+            app,
+            redis=shared,
+            secret=cluster_secret(settings.cluster_secret, settings.session_secret),
+            listen=settings.cluster_listen,
+            advertise=settings.cluster_advertise,
+            mounts=mounts,
+        )
     app[ROUTE_BACKENDS] = mounts.backend_of
     app[SPECS] = {spec.name: spec for spec in specs}
     app[_RELOAD] = _Reload(
@@ -261,7 +321,12 @@ def create_app(
     app.router.add_get("/health", health)
     app.router.add_get("/mcp/servers", servers)
     add_auth_routes(app)
-    add_admin_routes(app, end_identities=end_identities)
+    add_admin_routes(
+        app,
+        end_identities=end_identities,
+        oauth_store=oauth.server.store if oauth.server is not None else None,
+    )
+    add_console_routes(app, oauth=oauth.server is not None)
     add_mcp_routes(app, mounts)
     if isinstance(aggregate := mounts.root.gateway.backend, AggregateBackend):
         app.on_startup.append(lambda app: _report_collisions(app, aggregate))
@@ -278,14 +343,16 @@ def create_app(
     return app
 
 
-def reload_keys(app: web.Application) -> None:
-    """SIGHUP: load the keys again; the sessions and logins of keys that are gone end at once."""
+def reload_keys(app: web.Application, *, announce: bool = True) -> None:
+    """SIGHUP: load the keys again; the sessions and logins of keys that are gone end at once.
+    With REDIS_URL, `announce` tells the other instances (not done for a reload they asked for)."""
     try:
         removed = app[KEYS].reload()
     except KeysFileError as exc:
         app[AUDIT].event("keys.reload", None, outcome="failed", error=str(exc))
         log.error("keys not reloaded, the old ones stay in force: %s", exc)
         return
+    redis_keys.keys_changed(app, announce=announce)
     # A key reloaded with an expiry already past ends now too, not at the reaper's next turn.
     ended = end_identities(app, removed | _gone_identities(app))
     app[AUDIT].event(
@@ -476,7 +543,7 @@ class _OAuthWiring:
         backends: Mapping[str, Backend],
         *,
         keys: KeyStore,
-        logins: Logins,
+        logins: LoginStore,
         audit: AuditLog,
         principals: Principals,
         route_path: Callable[[web.Request], str | None],
@@ -507,7 +574,10 @@ class _OAuthWiring:
                 resource_urls=[public + path for path in _resources(backends)],
                 keys=keys,
                 logins=logins,
-                store=SQLiteStore(state_dir / "oauth.sqlite3"),
+                # Shared by every instance with REDIS_URL; else on this host's disk.
+                store=RedisOAuthStore(audit=audit)
+                if settings.redis_url
+                else SQLiteStore(state_dir / "oauth.sqlite3"),
                 audit=audit,
                 signing_key=signing_key,
                 token_ttl=settings.oauth_token_ttl,

@@ -27,6 +27,7 @@ from cryptography.fernet import Fernet
 
 from . import __version__
 from .app import build_backends, create_app, reload_keys, reload_servers, revive_backends
+from .cluster import workers
 from .ops import sd_notify, selftest
 from .ops.connections import BACKLOG, AppRunner, fit_open_file_limit, quiet_accept_errors
 from .security.check import Finding, audit_settings
@@ -157,6 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"mcp-sse: {exc}", file=sys.stderr)
         return 2
+    if settings.workers > 1 and not workers.is_worker():  # the supervisor of WORKERS=N (cluster/workers.py)
+
+        def announce(url: str) -> None:
+            if settings.token_generated:
+                _print_generated_token(settings, url)
+
+        return workers.supervise(settings, argv, announce)
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(serve(settings, _env_file(args.env_file)))
@@ -397,6 +405,7 @@ async def serve(settings: Settings, env_file: Path | None = None) -> None:
             settings.host,
             settings.port,
             reuse_address=True,
+            reuse_port=True if workers.is_worker() else None,  # WORKERS=N: all on one port
             backlog=BACKLOG,
             # No ssl_context: with TLS_CERT the runner screens each connection, then starts TLS.
         )

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Protocol
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jsonschema_rs
 
@@ -30,6 +31,9 @@ from .protocol.versions import ALL_VERSIONS, negotiate
 from .security.audit import fingerprint
 from .upstream.backend import READY_WAIT, Backend
 from .upstream.multiplex import REQUEST_CANCELLED
+
+if TYPE_CHECKING:
+    from .ops.tracing import Tracing
 
 __all__ = ["Auditor", "Gateway", "Policy"]
 
@@ -85,8 +89,10 @@ class Gateway:
         policy: Policy | None = None,
         audit: Auditor | None = None,
         audit_arguments: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         self.backend = backend
+        self.tracing = tracing
         self.name = name
         self.policy = policy
         self.audit = audit
@@ -96,6 +102,16 @@ class Gateway:
         self._validators: dict[str, jsonschema_rs.Validator | None] = {}
 
     async def handle_request(self, session: Session, message: Message) -> Message:
+        if self.tracing is not None:  # in an MCP server span (ops/tracing.py)
+            return await self.tracing.serve(self, session, message)
+        return await self.handle_untraced(session, message)
+
+    def _forward(self, session: Session, message: Message) -> Awaitable[Message]:
+        if self.tracing is None:
+            return self.backend.request(session, message)
+        return self.tracing.forward(self, session, message)  # in a client span, its context upstream
+
+    async def handle_untraced(self, session: Session, message: Message) -> Message:
         method: str = message["method"]
         request_id = message["id"]
         session.touch()
@@ -134,7 +150,7 @@ class Gateway:
             return error_response(request_id, METHOD_NOT_FOUND, "Method not found: server/discover")
         if method == "tools/call":
             return await self._call_tool(session, message)
-        reply = await self.backend.request(session, message)
+        reply = await self._forward(session, message)
         result = reply.get("result")
         if method == "tools/list" and isinstance(result, dict):
             self._remember_schemas(result)
@@ -203,7 +219,7 @@ class Gateway:
             )
         else:
             try:
-                reply = await self.backend.request(session, message)
+                reply = await self._forward(session, message)
             except asyncio.CancelledError:
                 # A 2026-era client closed the call's stream. The call was made all the same, and is
                 # audited as a 2025 client's notifications/cancelled leaves it: with an error outcome.

@@ -32,7 +32,7 @@ __all__ = [
 DEFAULT_PORT: Final = 3001
 KEY_RATE_LIMIT_DEFAULT: Final = 9000
 """Requests per key per rate-limit window: 10 a second, sustained over the default 15 minutes."""
-GATEWAY_SECRETS: Final = frozenset({"AUTH_TOKEN", "SESSION_SECRET", "METRICS_TOKEN"})
+GATEWAY_SECRETS: Final = frozenset({"AUTH_TOKEN", "SESSION_SECRET", "METRICS_TOKEN", "CLUSTER_SECRET"})
 """Never passed on to backend children: a compromised MCP server must not learn them."""
 _ENV_LINE = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*")
 
@@ -132,6 +132,14 @@ def _metrics_listen(text: str) -> tuple[str, int]:
             "port with METRICS_TOKEN or an admin key)"
         )
     return host, _port(port)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """CLUSTER_LISTEN / CLUSTER_ADVERTISE: host:port, [::1]:port for IPv6."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError("expected host:port, e.g. 10.0.0.5:3101")
+    return (host[1:-1] if host.startswith("[") and host.endswith("]") else host), _port(port)
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -322,6 +330,16 @@ class Settings:
     # redis://[:password@]host:port/db or rediss:// (TLS); the password makes it a secret.
     redis_url: Secret | None = field(default=None, metadata={"env": "REDIS_URL", "parse": Secret})
     workers: int = field(default=1, metadata={"env": "WORKERS", "parse": _positive(int)})
+    # The internal listener other instances forward 2025-era sessions to (cluster/): where it binds,
+    # and the host:port the others reach it at (default: what it bound). Only with REDIS_URL.
+    cluster_listen: tuple[str, int] = field(
+        default=("127.0.0.1", 0), metadata={"env": "CLUSTER_LISTEN", "parse": _host_port}
+    )
+    cluster_advertise: tuple[str, int] | None = field(
+        default=None, metadata={"env": "CLUSTER_ADVERTISE", "parse": _host_port}
+    )
+    # Signs every hop between instances; default: derived from SESSION_SECRET (the same everywhere).
+    cluster_secret: Secret | None = field(default=None, metadata={"env": "CLUSTER_SECRET", "parse": Secret})
     # STATE_DIR, else systemd's $STATE_DIRECTORY (see `load`), else ./state.
     state_dir: Path = field(default=Path("state"), metadata={"env": "STATE_DIR", "parse": Path})
     token_generated: bool = False
@@ -359,6 +377,8 @@ class Settings:
         if self.workers > 1 and self.redis_url is None:
             # N processes with N private copies of the limits, logins and revocations would be N gateways.
             raise SettingsError(f"WORKERS={self.workers} needs REDIS_URL: workers share their state there")
+        if self.cluster_secret is not None and len(self.cluster_secret.reveal()) < 32:
+            raise SettingsError("CLUSTER_SECRET must be at least 32 characters (e.g. openssl rand -hex 32)")
         if "*" in self.allowed_origins:
             # With credentials allowed, "*" would let any web page read the answers.
             raise SettingsError("ALLOWED_ORIGINS cannot be '*': list the exact origins")

@@ -14,7 +14,7 @@ from .protocol.session import SessionStore
 if TYPE_CHECKING:
     from .principal import Principal
     from .security.audit import AuditLog
-    from .security.cookies import Logins
+    from .security.cookies import LoginStore
     from .security.keys import ApiKey, KeyStore
     from .security.principals import Principals
     from .transport.routes import Mounts
@@ -66,7 +66,7 @@ MOUNTS: Final[web.AppKey[Mounts]] = web.AppKey("mounts")
 """What serves the root's and each `/servers/<name>/` MCP routes now."""
 KEYS: Final[web.AppKey[KeyStore]] = web.AppKey("keys")
 AUDIT: Final[web.AppKey[AuditLog]] = web.AppKey("audit")
-LOGINS: Final[web.AppKey[Logins | None]] = web.AppKey("logins")
+LOGINS: Final[web.AppKey[LoginStore | None]] = web.AppKey("logins")
 PRINCIPALS: Final[web.AppKey[Principals]] = web.AppKey("principals")
 """Resolves a session's identity (a key id, or an OAuth identity) to its caller as it stands now."""
 

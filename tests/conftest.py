@@ -59,7 +59,9 @@ async def start_gateway(
 ) -> StartGateway:
     """Start create_app() on 127.0.0.1:<free port>; `servers` maps names to Claude-format entries."""
 
-    async def start(servers: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> Running:
+    async def start(
+        servers: dict[str, dict[str, Any]] | None = None, *, tracing: Any = None, **overrides: Any
+    ) -> Running:
         settings: dict[str, Any] = {
             "auth_token": Secret(token),
             "session_secret": Secret(Fernet.generate_key().decode()),
@@ -72,7 +74,7 @@ async def start_gateway(
             path = tmp_path / "servers.json"
             path.write_text(json.dumps({"mcpServers": servers}))
             settings["servers_file"] = path
-        app = create_app(Settings(**settings))
+        app = create_app(Settings(**settings), tracing=tracing)  # tracing: ops/tracing.py's, in its tests
         server = await aiohttp_server(
             app, host="127.0.0.1"
         )  # TestServer cancels handlers on disconnect, as serve() does

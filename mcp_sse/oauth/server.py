@@ -43,7 +43,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from ..security.audit import AuditLog, digest
-from ..security.cookies import Login, Logins, login_from_cookie, start_cookie_session
+from ..security.cookies import Login, LoginStore, login_from_cookie, start_cookie_session
 from ..security.keys import ApiKey, KeyStore, Role
 from ..security.origin import normalise_origin
 from ..state import SECURE
@@ -250,7 +250,7 @@ class OAuthServer:
         issuer: str,
         resource_urls: Collection[str],
         keys: KeyStore,
-        logins: Logins,
+        logins: LoginStore,
         store: OAuthStore,
         audit: AuditLog,
         signing_key: SigningKey,

@@ -44,6 +44,8 @@ from ..security.keys import (
     generate_key,
 )
 from ..state import AUDIT, BACKENDS, KEYS, SESSIONS, TRANSPORT
+from ..store import ClientRecord, GrantRecord, OAuthStore
+from ..store.redis_keys import keys_changed
 from ..upstream.breaker import OPEN, CircuitBreaker
 from . import audit_query
 
@@ -68,11 +70,17 @@ ADMIN_PATHS: Final = (
     "POST /api/backends/{name}/restart",
     "GET /api/sessions",
     "DELETE /api/sessions/{id}",
+    "GET /api/oauth/clients",
+    "GET /api/oauth/grants",
+    "DELETE /api/oauth/grants/{id}",
 )
+MAX_LISTED: Final = 1000
+"""OAuth clients or grants in one answer, most recent first."""
 
 EndIdentities = Callable[[web.Application, set[str]], int]
 """app.end_identities: close the sessions, streams and logins of these keys (and their OAuth callers)."""
 _END: Final[web.AppKey[EndIdentities]] = web.AppKey("admin_end_identities")
+_OAUTH: Final[web.AppKey[OAuthStore | None]] = web.AppKey("admin_oauth_store")
 
 Fields = dict[str, Any]
 Handler = Callable[[web.Request, Fields], Awaitable[web.StreamResponse]]
@@ -297,6 +305,7 @@ async def _create_key(request: web.Request, fields: Fields) -> web.StreamRespons
     secret, entry = _new_entry(request, await _body(request))
     fields.update(key_id=entry["id"], display_name=entry["name"], role=entry["role"])
     _edit(store, lambda entries: entries.append(entry))
+    keys_changed(request.app)  # with REDIS_URL the other instances reload theirs
     key = store.by_id[entry["id"]]
     return web.json_response(
         {
@@ -339,6 +348,7 @@ async def _delete_key(request: web.Request, fields: Fields) -> web.StreamRespons
         entries[:] = [e for e in entries if not (isinstance(e, dict) and e.get("id") == key_id)]
 
     gone = _edit(store, remove) | {key_id}
+    keys_changed(request.app)  # with REDIS_URL: revoked on every instance, recorded in Redis
     ended = request.app[_END](request.app, gone)
     fields.update(sessions_closed=ended, removed_ids=", ".join(sorted(gone)))
     return web.json_response({"deleted": key_id, "sessions_closed": ended}, headers=NO_STORE)
@@ -372,6 +382,7 @@ async def _rotate_key(request: web.Request, fields: Fields) -> web.StreamRespons
             raise _Refused(404, f"key {key_id!r} is no longer in KEYS_FILE (edited since the last reload)")
 
     gone = _edit(request.app[KEYS], replace)
+    keys_changed(request.app)  # with REDIS_URL: the old secret revoked on every instance
     # Sessions, streams and logins opened with the old secret end; OAuth tokens it approved end
     # too (they name the secret's fingerprint, which is new now).
     ended = request.app[_END](request.app, gone | {key_id})
@@ -520,15 +531,82 @@ async def _end_session(request: web.Request, fields: Fields) -> web.StreamRespon
     return web.json_response({"ended": session_id}, headers=NO_STORE)
 
 
+# -- OAuth clients and grants (OAUTH_SERVER) ------------------------------------------------------
+
+
+def _oauth_store(request: web.Request) -> OAuthStore:
+    store = request.app[_OAUTH]
+    if store is None:
+        raise _Refused(409, "OAUTH_SERVER is not on: there are no OAuth clients or grants here")
+    return store
+
+
+def _client_view(client: ClientRecord) -> dict[str, Any]:
+    # No secret digest: it is only ever compared, never shown.
+    return {
+        "client_id": client.client_id,
+        "client_name": client.client_name,
+        "redirect_uris": list(client.redirect_uris),
+        "auth_method": client.auth_method,
+        "confidential": client.secret_sha256 is not None,
+        "grant_types": list(client.grant_types),
+        "created": _iso(client.created_at),
+        "last_used": _iso(client.last_used_at),
+    }
+
+
+def _grant_view(grant: GrantRecord) -> dict[str, Any]:
+    return {
+        "id": grant.grant_id,
+        "client_id": grant.client_id,
+        "key_id": grant.key_id,
+        "resource": grant.resource,
+        "scope": grant.scope,
+        "created": _iso(grant.created_at),
+        "expires": _iso(grant.expires_at),
+    }
+
+
+@_action("oauth.clients.list")
+async def _oauth_clients(request: web.Request, fields: Fields) -> web.StreamResponse:
+    clients = [_client_view(c) for c in await _oauth_store(request).list_clients(MAX_LISTED)]
+    fields["count"] = len(clients)
+    return web.json_response({"clients": clients}, headers=NO_STORE)
+
+
+@_action("oauth.grants.list")
+async def _oauth_grants(request: web.Request, fields: Fields) -> web.StreamResponse:
+    grants = [_grant_view(g) for g in await _oauth_store(request).list_grants(time.time(), MAX_LISTED)]
+    fields["count"] = len(grants)
+    return web.json_response({"grants": grants}, headers=NO_STORE)
+
+
+@_action("oauth.grant.revoke")
+async def _revoke_grant(request: web.Request, fields: Fields) -> web.StreamResponse:
+    grant_id = request.match_info["grant_id"]
+    fields["grant_id"] = grant_id[:64]
+    store = _oauth_store(request)
+    now = time.time()
+    if len(grant_id) > 64 or await store.get_grant(grant_id, now) is None:  # nothing written for it
+        raise _Refused(404, f"no live grant with id {grant_id[:64]!r}")
+    # As POST /oauth/revoke does: its refresh tokens end, and its access tokens at their next use.
+    await store.revoke_grant(grant_id, now, remember_until=now)
+    return web.json_response({"revoked": grant_id}, headers=NO_STORE)
+
+
 @_action("unknown")
 async def _unknown(request: web.Request, fields: Fields) -> web.StreamResponse:
     routes = "; ".join(ADMIN_PATHS)
     raise _Refused(404, f"no admin route {request.method} {request.path[:100]} (routes: {routes})")
 
 
-def add_admin_routes(app: web.Application, *, end_identities: EndIdentities) -> None:
-    """The /api/ routes; `end_identities` is app.end_identities (passed in: app.py imports this)."""
+def add_admin_routes(
+    app: web.Application, *, end_identities: EndIdentities, oauth_store: OAuthStore | None = None
+) -> None:
+    """The /api/ routes; `end_identities` is app.end_identities (passed in: app.py imports this);
+    `oauth_store` the built-in authorization server's (None without OAUTH_SERVER)."""
     app[_END] = end_identities
+    app[_OAUTH] = oauth_store
     router = app.router
     router.add_get("/api/keys", _list_keys)
     router.add_post("/api/keys", _create_key)
@@ -540,5 +618,8 @@ def add_admin_routes(app: web.Application, *, end_identities: EndIdentities) -> 
     router.add_post("/api/backends/{name}/restart", _restart)
     router.add_get("/api/sessions", _sessions)
     router.add_delete("/api/sessions/{session_id}", _end_session)
+    router.add_get("/api/oauth/clients", _oauth_clients)
+    router.add_get("/api/oauth/grants", _oauth_grants)
+    router.add_delete("/api/oauth/grants/{grant_id}", _revoke_grant)
     for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):  # not "*": CORS answers OPTIONS itself
         router.add_route(method, "/api/{tail:.*}", _unknown)

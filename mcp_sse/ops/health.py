@@ -23,6 +23,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..state import BACKENDS
+from ..store.redis import redis_status
 from ..upstream.breaker import OPEN, CircuitBreaker
 
 if TYPE_CHECKING:
@@ -62,9 +63,19 @@ def assess(backends: dict[str, Backend]) -> Assessment:
     return Assessment(200, DEGRADED, failed, circuit_open)
 
 
+def _with_redis(app: web.Application, found: Assessment) -> tuple[Assessment, str | None]:
+    """With REDIS_URL, Redis down makes an instance `degraded` (it still serves, counting alone)."""
+    redis = redis_status(app)
+    if redis == DOWN and found.status == OK:
+        found = found._replace(status=DEGRADED)
+    return found, redis
+
+
 async def health(request: web.Request) -> web.Response:
-    found = assess(request.app[BACKENDS])
+    found, redis = _with_redis(request.app, assess(request.app[BACKENDS]))
     body: dict[str, object] = {"status": found.status, "version": __version__}
+    if redis is not None:
+        body["redis"] = redis
     if found.failed:
         body["failed"] = found.failed
     if found.circuit_open:
@@ -75,7 +86,7 @@ async def health(request: web.Request) -> web.Response:
 def public_health(app: web.Application) -> web.Response:
     """The bare answer for a caller without a key (HEALTH_PUBLIC=true): the same status and code as
     /health, but no version and no backend names, which are for authenticated callers only."""
-    found = assess(app[BACKENDS])
+    found, _ = _with_redis(app, assess(app[BACKENDS]))
     return web.json_response({"status": found.status}, status=found.code)
 
 

@@ -22,11 +22,21 @@ from ..ops.metrics import METRICS_PATH
 from ..settings import Secret
 from ..state import API_KEY, AUDIT, CLIENT_IP, IDENTITY, PRINCIPAL, SESSIONS
 from .audit import AuditLog, digest
-from .cookies import Logins, login_from_cookie
+from .cookies import LoginStore, login_from_cookie
 from .cors import is_preflight
 from .errors import forbidden, unauthorized
 from .keys import ApiKey, KeyStore, bearer_token
-from .ratelimit import LOCKED_OUT, LogThrottle, RateLimiter, StreamCounter, charge_key, lockout_refusal
+from .origin import SAME_ORIGIN
+from .ratelimit import (
+    LOCKED_OUT,
+    Counters,
+    LogThrottle,
+    RateLimiter,
+    StreamCounter,
+    charge_key,
+    key_budget,
+    lockout_refusal,
+)
 
 if TYPE_CHECKING:
     from ..oauth.gate import Authenticated, ResourceGate
@@ -42,6 +52,9 @@ __all__ = [
 
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 PUBLIC_PATHS: Final = frozenset({"/auth/login"})  # authenticates the token in its body itself
+CONSOLE_PREFIX: Final = "/console"
+"""The web console (ops/console.py): its pages check the cookie login themselves (a sign-in page,
+not a 401, for a browser without one); the data they show comes from /api/, checked here."""
 URL_TOKEN_PARAMS: Final = ("access_token", "token")
 
 
@@ -127,13 +140,15 @@ def _is_stream(request: web.Request) -> bool:
 def authentication(
     *,
     keys: KeyStore,
-    logins: Logins | None,
+    logins: LoginStore | None,
     limiter: RateLimiter,
     audit: AuditLog,
     settings: AuthSettings,
     oauth: ResourceGate | None = None,
+    shared: Counters | None = None,
 ) -> Middleware:
-    """With `oauth` None (no OAuth setting), exactly the key and cookie chain of before."""
+    """With `oauth` None (no OAuth setting), exactly the key and cookie chain of before.
+    `shared`: the counters every instance shares (REDIS_URL) for key limits and streams."""
     streams = StreamCounter(settings.max_streams)
     # One auth.success line per key and address every 10 minutes: a trail, not a flood.
     successes = LogThrottle(seconds=600)
@@ -143,7 +158,13 @@ def authentication(
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if is_preflight(request) or request.path in PUBLIC_PATHS or request.path in settings.public_paths:
+        if (
+            is_preflight(request)
+            or request.path in PUBLIC_PATHS
+            or request.path in settings.public_paths
+            or request.path == CONSOLE_PREFIX
+            or request.path.startswith(CONSOLE_PREFIX + "/")
+        ):
             return await handler(request)
         token = _presented_token(request, settings.url_auth, oauth)
         metrics_token = settings.metrics_token
@@ -159,7 +180,15 @@ def authentication(
             request[IDENTITY] = "metrics-token"
             request[METRICS_SCRAPER] = True
             try:
-                charge_key(request, limiter, "metrics-token", settings.rate_limit)
+                charge_key(
+                    request,
+                    limiter,
+                    "metrics-token",
+                    settings.rate_limit,
+                    None
+                    if shared is None
+                    else await shared.hit(key_budget("metrics-token"), limit=settings.rate_limit),
+                )
             except web.HTTPTooManyRequests:
                 audit.event("rate_limited", request, scope="key")
                 raise
@@ -204,12 +233,17 @@ def authentication(
                 audit.event("auth.failed", request, reason="no credentials")
                 raise refuse(request, "missing bearer token")
             # A cookie rides along on cross-site requests; an allowed Origin proves the page is ours (CSRF).
+            # The gateway's own origin is one on /api/ (the console's page; origin.py decides it).
             if (
                 request.method not in SAFE_METHODS
                 and request.headers.get("Origin") not in settings.allowed_origins
+                and not request.get(SAME_ORIGIN, False)
             ):
                 audit.event("origin.denied", request, reason="cookie without allowed Origin")
-                raise forbidden("cookie-authenticated requests need an Origin listed in ALLOWED_ORIGINS")
+                raise forbidden(
+                    "cookie-authenticated requests need an Origin listed in ALLOWED_ORIGINS "
+                    "or this gateway's own"
+                )
         if authenticated is not None:
             principal = authenticated.principal
             budget, limit = authenticated.budget, principal.rate_limit or settings.rate_limit
@@ -234,14 +268,20 @@ def authentication(
             if successes.allow(f"{key.id}:{request.get(CLIENT_IP)}"):
                 audit.event("auth.success", request, via="bearer" if token is not None else "cookie")
         try:
-            charge_key(request, limiter, budget, limit)
+            charge_key(
+                request,
+                limiter,
+                budget,
+                limit,
+                None if shared is None else await shared.hit(key_budget(budget), limit=limit),
+            )
         except web.HTTPTooManyRequests:
             audit.event("rate_limited", request, scope="key")
             raise
         if not _is_stream(request):
             return await handler(request)
         # A stream holds memory and a socket for as long as it lives: cap them per key.
-        if not streams.acquire(budget):
+        if not (streams.acquire(budget) if shared is None else await shared.acquire(budget)):
             audit.event("rate_limited", request, scope="streams")
             raise web.HTTPTooManyRequests(
                 text=json.dumps({"error": f"more than {settings.max_streams} open streams for this key"}),
@@ -251,7 +291,10 @@ def authentication(
         try:
             return await handler(request)
         finally:
-            streams.release(budget)
+            if shared is None:
+                streams.release(budget)
+            else:
+                await shared.release(budget)
 
     return middleware
 

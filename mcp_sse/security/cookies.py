@@ -15,7 +15,7 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 from aiohttp_session import Session, get_session, new_session
@@ -27,7 +27,7 @@ from ..state import API_KEY, AUDIT, KEYS, LOGINS, SECURE
 from .errors import unauthorized
 from .keys import bearer_token
 
-__all__ = ["CookieStorage", "Login", "Logins", "fernet_key"]
+__all__ = ["CookieStorage", "Login", "LoginStore", "Logins", "fernet_key"]
 
 SECURE_NAME: Final = "__Host-mcp-sse"
 PLAIN_NAME: Final = "mcp-sse"
@@ -95,25 +95,49 @@ class Login:
     last_seen: float
 
 
-class Logins:
-    """Live cookie logins, server-side."""
+class LoginStore(Protocol):
+    """Live cookie logins, server-side: one protocol, two engines. `Logins` (below) keeps them in
+    this process's memory; `store.redis_logins.RedisLogins` shares them through REDIS_URL, so a
+    login made on one instance works on all and a logout on one ends it everywhere."""
+
+    lifetime: float
+    idle: float
+
+    async def start(self, key_id: str) -> Login: ...
+
+    async def check(self, sid: Any) -> Login | None:
+        """The live login for this id, touched; None (and forgotten) when ended or expired."""
+        ...
+
+    async def end(self, sid: Any) -> bool: ...
+
+    def end_key(self, key_id: str) -> int:
+        """End every login of this key (revoked, rotated, expired). Sync, for end_identities: an
+        engine that must wait for a store does so in the background; the key's refusal is
+        immediate anyway, since a cookie counts only while its key is current."""
+        ...
+
+    def expires_at(self, login: Login) -> float:
+        return min(login.started + self.lifetime, login.last_seen + self.idle)
+
+    def prune(self) -> None: ...
+
+
+class Logins(LoginStore):
+    """The memory engine: live cookie logins in this process (the default, and the reference)."""
 
     def __init__(self, *, lifetime: float, idle: float) -> None:
         self.lifetime = lifetime
         self.idle = idle
         self._logins: dict[str, Login] = {}
 
-    def start(self, key_id: str) -> Login:
+    async def start(self, key_id: str) -> Login:
         now = time.time()
         login = Login(secrets.token_urlsafe(32), key_id, now, now)
         self._logins[login.sid] = login
         return login
 
-    def expires_at(self, login: Login) -> float:
-        return min(login.started + self.lifetime, login.last_seen + self.idle)
-
-    def check(self, sid: Any) -> Login | None:
-        """The live login for this id, touched; None (and forgotten) when ended or expired."""
+    async def check(self, sid: Any) -> Login | None:
         login = self._logins.get(sid) if isinstance(sid, str) else None
         if login is None:
             return None
@@ -124,7 +148,7 @@ class Logins:
         login.last_seen = now
         return login
 
-    def end(self, sid: Any) -> bool:
+    async def end(self, sid: Any) -> bool:
         return isinstance(sid, str) and self._logins.pop(sid, None) is not None
 
     def end_key(self, key_id: str) -> int:
@@ -139,22 +163,22 @@ class Logins:
             del self._logins[sid]
 
 
-async def login_from_cookie(request: web.Request, logins: Logins) -> Login | None:
+async def login_from_cookie(request: web.Request, logins: LoginStore) -> Login | None:
     session = await get_session(request)
-    return logins.check(session.get("sid"))
+    return await logins.check(session.get("sid"))
 
 
-async def start_cookie_session(request: web.Request, logins: Logins, key_id: str) -> Login:
+async def start_cookie_session(request: web.Request, logins: LoginStore, key_id: str) -> Login:
     # A brand-new session, never the one the request came with: no session fixation.
     session = await new_session(request)
-    login = logins.start(key_id)
+    login = await logins.start(key_id)
     session["sid"] = login.sid
     return login
 
 
-async def end_cookie_session(request: web.Request, logins: Logins) -> bool:
+async def end_cookie_session(request: web.Request, logins: LoginStore) -> bool:
     session = await get_session(request)
-    ended = logins.end(session.get("sid"))
+    ended = await logins.end(session.get("sid"))
     session.invalidate()
     return ended
 

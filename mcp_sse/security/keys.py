@@ -259,6 +259,9 @@ class KeyStore:
         self._by_digest: dict[bytes, ApiKey] = {}
         self.by_id: dict[str, ApiKey] = {}
         self.uses = UseCounter()
+        self.refuses: Callable[[ApiKey], bool] | None = None
+        """Set with REDIS_URL (store/redis_keys.py): is this key revoked on another instance? Then it
+        counts for nothing here either, whatever this instance's keys file still says."""
         self.reload()
 
     def reload(self) -> set[str]:
@@ -306,7 +309,7 @@ class KeyStore:
         """The live key whose secret this is, or None. A success counts as a use of the key."""
         candidate = digest(presented)
         key = self._by_digest.get(candidate)
-        if key is None or not hmac.compare_digest(key.sha256, candidate) or key.expired():
+        if key is None or not hmac.compare_digest(key.sha256, candidate) or not self._in_force(key):
             return None
         self.uses.record(key.id)
         return key
@@ -314,7 +317,10 @@ class KeyStore:
     def current(self, key_id: str) -> ApiKey | None:
         """The key as it stands now (after reloads and expiry), or None when it no longer counts."""
         key = self.by_id.get(key_id)
-        return None if key is None or key.expired() else key
+        return key if key is not None and self._in_force(key) else None
+
+    def _in_force(self, key: ApiKey) -> bool:
+        return not key.expired() and (self.refuses is None or not self.refuses(key))
 
 
 def generate_key(name: str, role: str) -> tuple[str, dict[str, Any]]:

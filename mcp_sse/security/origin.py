@@ -23,9 +23,13 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from ..state import SECURE
 from .audit import AuditLog
 
-__all__ = ["normalise_host", "normalise_origin", "origin_middleware"]
+__all__ = ["SAME_ORIGIN", "normalise_host", "normalise_origin", "origin_middleware"]
+
+SAME_ORIGIN: Final = web.RequestKey("same_origin", bool)
+"""The request's Origin is the gateway's own (on `own_origin_paths` only): the console's page."""
 
 DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _SCHEME: Final = re.compile(r"[a-z][a-z0-9+.-]*")
@@ -118,6 +122,8 @@ def origin_middleware(
     allowed_hosts: Sequence[str] | None,
     audit: AuditLog,
     path_origins: Mapping[str, Collection[str]] | None = None,
+    own_origin_paths: tuple[str, ...] = (),
+    public_url: str | None = None,
 ) -> Middleware:
     """Refuse a present-but-unlisted Origin, and (when `allowed_hosts` is non-empty) an unlisted Host.
 
@@ -126,6 +132,11 @@ def origin_middleware(
     or None turns the Host check off. `path_origins` allows more origins on some exact paths
     only: the gateway's own origin (PUBLIC_URL) on its OAuth sign-in and consent pages, whose
     forms post back to themselves (those handlers check the Origin and a CSRF token again).
+
+    Under the `own_origin_paths` prefixes the gateway's own origin is allowed too, and marked
+    SAME_ORIGIN (the cookie rule in auth.py reads it): PUBLIC_URL's, or scheme://Host when the
+    Host check is on and passed. SECURITY: without a Host check the Host is whatever the caller
+    says, so only PUBLIC_URL counts then; with it, a DNS-rebound page's Host is refused here.
     """
     if isinstance(allowed_origins, str) or isinstance(allowed_hosts, str):
         raise ValueError("allowed_origins and allowed_hosts must be lists, not one string")
@@ -143,6 +154,7 @@ def origin_middleware(
         path: frozenset(normalise_origin(o) for o in more) for path, more in (path_origins or {}).items()
     }
     none: frozenset[str] = frozenset()
+    public = normalise_origin(public_url) if public_url else None
 
     def origin_allowed(values: list[str], path: str) -> bool:
         if len(values) != 1:
@@ -162,10 +174,28 @@ def origin_middleware(
             return False
         return (host, None) in hosts or (host, port) in hosts
 
+    def own_origin(request: web.Request, values: list[str]) -> bool:
+        if len(values) != 1 or not request.path.startswith(own_origin_paths):
+            return False
+        try:
+            origin = normalise_origin(values[0], header=True)
+            if origin == public:
+                return True
+            scheme = "https" if request.get(SECURE, False) else "http"
+            return (
+                bool(hosts)
+                and host_allowed(request.headers.getall("Host", []))
+                and origin == normalise_origin(f"{scheme}://{request.host}")
+            )
+        except ValueError:
+            return False
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.getall("Origin", [])
-        if origin and not origin_allowed(origin, request.path):
+        if origin and own_origin_paths and own_origin(request, origin):
+            request[SAME_ORIGIN] = True
+        elif origin and not origin_allowed(origin, request.path):
             audit.event("origin.denied", request, origin=origin[0])
             raise _forbidden("origin not allowed")
         if hosts and not host_allowed(request.headers.getall("Host", [])):

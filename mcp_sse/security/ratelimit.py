@@ -5,11 +5,16 @@ failed credential (RATE_LIMIT_MAX_REQUESTS, the security guide's 100 per 15 minu
 authenticated request is counted against its key instead (KEY_RATE_LIMIT_MAX_REQUESTS, or the
 key's own `rate_limit`), so a flood from an address never throttles the keys used there.
 
-All of it is in memory, per process, and bounded: at most `max_keys` keys are tracked and
-the least recently seen is forgotten first, so a flood of new addresses costs a fixed amount
-of memory (it can at worst reset the count of an idle client, never grow without end).
+The classes here are the memory engine: per process, and bounded: at most `max_keys` keys are
+tracked and the least recently seen is forgotten first, so a flood of new addresses costs a fixed
+amount of memory (it can at worst reset the count of an idle client, never grow without end).
 IPv6 clients are counted per /64: one subscriber usually holds a whole /64, and counting
 single addresses would give them 2**64 budgets.
+
+With REDIS_URL every instance counts in one place: `Counters` is the protocol both engines keep
+(`MemoryCounters` here, the reference in tests; `store/redis_counters.py`), and the middlewares
+take one as `shared`. Without it they call the memory classes directly, synchronously, as before:
+no await and no Redis code on the hot path of a single process.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -36,10 +41,12 @@ from .cors import is_preflight
 __all__ = [
     "LOCKED_OUT",
     "MAX_KEYS",
+    "Counters",
     "Decision",
     "FailureLockout",
     "LockedOut",
     "LogThrottle",
+    "MemoryCounters",
     "RateLimiter",
     "StreamCounter",
     "address_key",
@@ -283,6 +290,15 @@ class FailureLockout:
             return 0.0
         return until - now
 
+    def hold(self, ip: IPAddress | str, seconds: float, *, now: float | None = None) -> None:
+        """Lock `ip` out for `seconds` (no fewer than it already has): a lockout learnt elsewhere,
+        from the shared store, kept here so that a Redis outage does not lift it."""
+        now = time.monotonic() if now is None else now
+        key = address_key(ip)
+        until = max(now + seconds, self._locked.pop(key, 0.0))
+        self._locked[key] = until
+        self._bound(self._locked, self.max_keys)
+
     def reset(self, ip: IPAddress | str) -> None:
         """Forget `ip`'s failures and lockout (after a successful login, or by an operator)."""
         key = address_key(ip)
@@ -314,6 +330,69 @@ class StreamCounter:
 
     def open(self, key: str) -> int:
         return self._open.get(key, 0)
+
+
+class Counters(Protocol):
+    """The counters several instances must agree on, one engine per store: `MemoryCounters` (this
+    process only) or `RedisCounters` (store/redis_counters.py, every instance sharing one Redis).
+    Both decide the same way; `now` (seconds) is for tests, each engine has its own clock."""
+
+    async def hit(self, key: str, *, limit: int, now: float | None = None) -> Decision:
+        """Count one request for `key` if it fits under `limit` (RateLimiter.hit)."""
+        ...
+
+    async def failed(
+        self, ip: IPAddress | str, credential: str | None = None, *, now: float | None = None
+    ) -> bool:
+        """Count a failed credential from `ip`; True when this one locks it out (FailureLockout.failed)."""
+        ...
+
+    async def locked(self, ip: IPAddress | str, *, now: float | None = None, strict: bool = False) -> float:
+        """Seconds of lockout left for `ip`. `strict`: refuse with a 503 (store/redis_faults.py's
+        Unavailable) rather than answer from this process's own knowledge while the shared store is
+        unreachable (for a login, which is a guess by its nature)."""
+        ...
+
+    async def reset(self, ip: IPAddress | str) -> None: ...
+
+    async def acquire(self, key: str) -> bool:
+        """Open one more stream for `key` if it has fewer than the limit (StreamCounter.acquire)."""
+        ...
+
+    async def release(self, key: str) -> None: ...
+
+    async def open(self, key: str) -> int: ...
+
+
+class MemoryCounters:
+    """The memory engine behind the `Counters` protocol: today's classes, unchanged. The middlewares
+    call those directly when nothing is shared; this is the reference the Redis engine is tested against."""
+
+    def __init__(self, limiter: RateLimiter, lockout: FailureLockout, streams: StreamCounter) -> None:
+        self.limiter, self.lockout, self.streams = limiter, lockout, streams
+
+    async def hit(self, key: str, *, limit: int, now: float | None = None) -> Decision:
+        return self.limiter.hit(key, limit=limit, now=now)
+
+    async def failed(
+        self, ip: IPAddress | str, credential: str | None = None, *, now: float | None = None
+    ) -> bool:
+        return self.lockout.failed(ip, credential, now=now)
+
+    async def locked(self, ip: IPAddress | str, *, now: float | None = None, strict: bool = False) -> float:
+        return self.lockout.locked(ip, now=now)  # memory is always available: strict changes nothing
+
+    async def reset(self, ip: IPAddress | str) -> None:
+        self.lockout.reset(ip)
+
+    async def acquire(self, key: str) -> bool:
+        return self.streams.acquire(key)
+
+    async def release(self, key: str) -> None:
+        self.streams.release(key)
+
+    async def open(self, key: str) -> int:
+        return self.streams.open(key)
 
 
 class _Quota(NamedTuple):
@@ -396,14 +475,23 @@ def _has_cookie(request: web.Request) -> bool:
     return any(name in request.cookies for name in ("__Host-mcp-sse", "mcp-sse"))
 
 
-def charge_key(request: web.Request, limiter: RateLimiter, key: str, limit: int) -> None:
-    """Count an authenticated request against its key; 429 with the key's quota when over it."""
-    decision = limiter.hit(f"key:{key}", limit=limit)
+def charge_key(
+    request: web.Request, limiter: RateLimiter, key: str, limit: int, decision: Decision | None = None
+) -> None:
+    """Count an authenticated request against its key; 429 with the key's quota when over it.
+    `decision`: already made by a shared engine (`Counters.hit(key_budget(key), ...)`)."""
+    if decision is None:
+        decision = limiter.hit(f"key:{key}", limit=limit)
     policy = _key_policy(limit, limiter.window)
     request[_QUOTA] = _Quota(decision, policy)
     if not decision.allowed:
         headers = rate_limit_headers(decision, policy)
         raise _too_many(TOO_MANY, {**headers, "Retry-After": str(decision.retry_after)})
+
+
+def key_budget(key: str) -> str:
+    """The limiter key an authenticated caller is counted under."""
+    return f"key:{key}"
 
 
 @functools.lru_cache(maxsize=256)
@@ -425,6 +513,7 @@ def ip_rate_limit_middleware(
     key_func: Callable[[web.Request], str] | None = None,
     login_paths: Collection[str] = ("/auth/login",),
     probe_paths: Collection[str] = (),
+    shared: Counters | None = None,
 ) -> Middleware:
     """Per-client request limit on a shared `limiter` (keys "ip:<address>"), and the failed-login lockout.
 
@@ -441,6 +530,9 @@ def ip_rate_limit_middleware(
     Nor are keyless GETs of `probe_paths` (a public /health): a load balancer probing every few
     seconds would spend the address's 100 per 15 minutes and take the instance out of rotation,
     and the answer is a constant, reaching no backend; the connection cap still bounds them.
+
+    `shared`: the engine every instance counts in (REDIS_URL), in place of `limiter` and `lockout`
+    (which it falls back to while Redis is unreachable); None keeps the synchronous memory path.
     """
     key_of = key_func or _client_key
     logins = frozenset(login_paths)
@@ -453,7 +545,13 @@ def ip_rate_limit_middleware(
             return await handler(request)
         presented = _presented(request)
         login = request.path in logins
-        if lockout is not None and (left := lockout.locked(_client_ip(request))) > 0:
+        if lockout is None:
+            left = 0.0
+        elif shared is None:
+            left = lockout.locked(_client_ip(request))
+        else:
+            left = await shared.locked(_client_ip(request), strict=login)
+        if left > 0:
             admissible = not login and (presented is not None or _has_cookie(request))
             return await _locked(request, handler, left, admissible)
         # Authenticated requests are counted against their key (in authentication); the
@@ -461,15 +559,30 @@ def ip_rate_limit_middleware(
         # The RateLimit headers are added by install_rate_limit_headers' hook, on every response.
         credential = presented is not None or login or _has_cookie(request)
         if not credential and not (request.method == "GET" and request.path in probes):
-            _charge(request, key_of(request))
+            key = key_of(request)
+            decision = limiter.hit(key) if shared is None else await shared.hit(key, limit=limiter.limit)
+            _charge(request, key, decision)
         try:
             return await handler(request)
         except web.HTTPException as exc:
             if exc.status == 401:
                 if lockout is not None and (presented is not None or login):
-                    _failed(request, lockout, presented)
+                    ip = _client_ip(request)
+                    tripped = (
+                        lockout.failed(ip, presented)
+                        if shared is None
+                        else await shared.failed(ip, presented)
+                    )
+                    if tripped:
+                        audit.event(
+                            "auth.locked", request, failures=lockout.max_failures, seconds=lockout.lockout
+                        )
                 if credential:
-                    _charge(request, key_of(request))
+                    key = key_of(request)
+                    decision = (
+                        limiter.hit(key) if shared is None else await shared.hit(key, limit=limiter.limit)
+                    )
+                    _charge(request, key, decision)
             raise
 
     async def _locked(
@@ -492,18 +605,13 @@ def ip_rate_limit_middleware(
                 audit.event("auth.locked", request, retry_after=max(1, _ceil(left)))
             raise
 
-    def _charge(request: web.Request, key: str) -> None:
-        decision = limiter.hit(key)
+    def _charge(request: web.Request, key: str, decision: Decision) -> None:
         request[_QUOTA] = _Quota(decision, limiter.policy)
         if not decision.allowed:
             if throttle.allow(f"limited:{key}"):
                 audit.event("rate_limited", request, scope="ip", retry_after=decision.retry_after)
             headers = rate_limit_headers(decision, limiter.policy)
             raise _too_many(TOO_MANY, {**headers, "Retry-After": str(decision.retry_after)})
-
-    def _failed(request: web.Request, lockout: FailureLockout, presented: str | None) -> None:
-        if lockout.failed(_client_ip(request), presented):
-            audit.event("auth.locked", request, failures=lockout.max_failures, seconds=lockout.lockout)
 
     return middleware
 

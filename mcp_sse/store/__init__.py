@@ -117,6 +117,10 @@ class OAuthStore(Protocol):
 
     async def count_clients(self) -> int: ...
 
+    async def list_clients(self, limit: int) -> list[ClientRecord]:
+        """Up to `limit` clients, most recently used first (for the admin API)."""
+        ...
+
     async def evict_clients(self, count: int, now: float) -> int:
         """Delete up to `count` clients, least recently used first, that have no live grant."""
         ...
@@ -135,6 +139,10 @@ class OAuthStore(Protocol):
 
     async def get_grant(self, grant_id: str, now: float) -> GrantRecord | None:
         """The grant if it is live (not revoked, not expired)."""
+        ...
+
+    async def list_grants(self, now: float, limit: int) -> list[GrantRecord]:
+        """Up to `limit` live grants, newest first (for the admin API)."""
         ...
 
     async def revoke_grant(self, grant_id: str, now: float, *, remember_until: float) -> bool:

@@ -254,6 +254,13 @@ class SQLiteStore:
     async def count_clients(self) -> int:
         return await self._run(lambda: int(self._db.execute("SELECT count(*) FROM clients").fetchone()[0]))
 
+    async def list_clients(self, limit: int) -> list[ClientRecord]:
+        def get() -> list[ClientRecord]:
+            rows = self._db.execute("SELECT * FROM clients ORDER BY last_used_at DESC LIMIT ?", (limit,))
+            return [_client(row) for row in rows]
+
+        return await self._run(get)
+
     async def evict_clients(self, count: int, now: float) -> int:
         def evict(db: sqlite3.Connection) -> int:
             cursor = db.execute(
@@ -341,6 +348,17 @@ class SQLiteStore:
         def get() -> GrantRecord | None:
             row = self._db.execute(_LIVE_GRANT, (grant_id, now)).fetchone()
             return None if row is None else _grant(row)
+
+        return await self._run(get)
+
+    async def list_grants(self, now: float, limit: int) -> list[GrantRecord]:
+        def get() -> list[GrantRecord]:
+            rows = self._db.execute(
+                "SELECT grant_id, client_id, key_id, key_fp, resource, scope, created_at, expires_at "
+                "FROM grants WHERE revoked_at IS NULL AND expires_at > ? ORDER BY created_at DESC LIMIT ?",
+                (now, limit),
+            )
+            return [_grant(row) for row in rows]
 
         return await self._run(get)
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from ..cluster.hooks import FORWARDED_BODY
 from ..gateway import Gateway
 from ..protocol.jsonrpc import INTERNAL_ERROR, Message, ProtocolError, dumps, error_response, parse_body
 from ..protocol.session import Session, valid_session_id
@@ -45,6 +46,8 @@ def jsonrpc_reply(message: Message, status: int = 200, headers: dict[str, str] |
 
 async def read_message(request: web.Request) -> Any:
     """Read and decode the body within the size and time limits; ProtocolError for bad JSON."""
+    if (forwarded := request.get(FORWARDED_BODY)) is not None:
+        return parse_body(forwarded)  # read already, to check the hop's signature (cluster/)
     settings = request.app[TRANSPORT]
     limit = settings.max_body
     if request.content_length is None or request.content_length <= limit:

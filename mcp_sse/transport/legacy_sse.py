@@ -6,6 +6,7 @@ import logging
 
 from aiohttp import web
 
+from ..cluster.hooks import claim
 from ..gateway import Gateway
 from ..protocol.jsonrpc import (
     INVALID_REQUEST,
@@ -46,6 +47,7 @@ class LegacySSE:
             )
         session = store.create("sse", self.gateway, request.get(IDENTITY), request.headers)
         try:
+            await claim(request, session)  # with REDIS_URL: owned here, before the id leaves
             response = await open_sse(request)
             endpoint = f"{self.messages_path}?session_id={session.id}"
             await response.write(encode(endpoint, event="endpoint"))

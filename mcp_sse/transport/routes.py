@@ -15,6 +15,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from ..cluster.hooks import forward
 from ..gateway import Gateway
 from .legacy_sse import LegacySSE
 from .streamable import StreamableHTTP
@@ -87,6 +88,9 @@ def add_mcp_routes(app: web.Application, mounts: Mounts) -> None:
             found = mounts.match(request)
             if found is None:
                 raise web.HTTPNotFound()
+            # With REDIS_URL, a session another instance owns is answered by its owner (cluster/).
+            if (relayed := await forward(request)) is not None:
+                return relayed
             return await pick(found[1])(request)
 
         return handler

@@ -15,6 +15,7 @@ from typing import Final
 
 from aiohttp import web
 
+from ..cluster.hooks import claim
 from ..gateway import Gateway
 from ..protocol.jsonrpc import (
     INVALID_REQUEST,
@@ -125,6 +126,7 @@ class StreamableHTTP:
         if "error" in reply:
             session.close()
             return jsonrpc_reply(reply)
+        await claim(request, session)  # with REDIS_URL: owned here, before the id leaves
         return jsonrpc_reply(reply, headers={SESSION_HEADER: session.id})
 
     async def _batch(self, session: Session, messages: list[Message]) -> web.Response:

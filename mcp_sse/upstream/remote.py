@@ -39,6 +39,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 
 from .. import __version__
+from ..ops.tracing import trace_headers
 from ..protocol.jsonrpc import Message, dumps
 from ..protocol.param_headers import encode_header_value, param_headers
 from ..protocol.versions import HANDSHAKE_VERSIONS, LATEST_HANDSHAKE, MODERN_VERSIONS
@@ -528,7 +529,8 @@ class RemoteBackend(MultiplexedBackend):
         """One HTTP request, with the credentials; a 401 to a fetched token fetches a new one once."""
         body = None if message is None else dumps(message)
         for attempt in (1, 2):
-            sent = {**headers, **await self.auth_headers()}
+            # The traced call's context (ops/tracing.py): empty with tracing off, or for our own requests.
+            sent = {**headers, **trace_headers(), **await self.auth_headers()}
             async with self.http.request(
                 method, url, data=body, headers=sent, allow_redirects=False
             ) as response:

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import secrets
-import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -356,17 +355,3 @@ def oauth_process(tmp_path: Path) -> OAuthProcess:
     return OAuthProcess(
         port, admin, env, [sys.executable, str(script), "--port", str(port), "--env-file", os.devnull]
     )
-
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-# Headless on a machine with no network but loopback: without the background-networking flags
-# Chromium keeps trying (and failing) to reach its own services.
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-)

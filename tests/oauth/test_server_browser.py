@@ -11,23 +11,20 @@ Skipped without Chromium.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlencode
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from mcp_sse.oauth.server import OAuthServer
 from mcp_sse.oauth.tokens import OwnToken
+from tests.browser import CHROMIUM, chromium
 
-from .as_helpers import AS, CHROMIUM, CHROMIUM_FLAGS, authorization_params, pkce, register, start_as, token
+from .as_helpers import AS, authorization_params, pkce, register, start_as, token
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)"
@@ -41,91 +38,6 @@ def note_posts(app: web.Application, url: str, server: OAuthServer) -> None:
             posted.append((request.path, request.headers.get("Origin")))
 
     app.on_response_prepare.append(note)
-
-
-class DevTools:
-    """Just enough of the Chrome DevTools protocol: commands with replies, and awaited events."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.ws = ws
-        self.next_id = 0
-        self.replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        async for message in self.ws:
-            data = json.loads(message.data)
-            if "id" in data and data["id"] in self.replies:
-                self.replies.pop(data["id"]).set_result(data)
-            elif "method" in data:
-                await self.events.put(data)
-
-    async def send(self, method: str, **params: Any) -> dict[str, Any]:
-        self.next_id += 1
-        reply: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.replies[self.next_id] = reply
-        await self.ws.send_json({"id": self.next_id, "method": method, "params": params})
-        answer = await asyncio.wait_for(reply, 30)
-        if "error" in answer:
-            raise AssertionError(f"{method}: {answer['error']}")
-        result: dict[str, Any] = answer.get("result", {})
-        return result
-
-    async def event(self, method: str) -> dict[str, Any]:
-        while True:
-            event = await asyncio.wait_for(self.events.get(), 30)
-            if event["method"] == method:
-                return event
-
-    async def evaluate(self, expression: str) -> Any:
-        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True)
-        return result["result"].get("value")
-
-    async def close(self) -> None:
-        self.reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.reader
-
-
-@contextlib.asynccontextmanager
-async def chromium(profile: Path) -> AsyncIterator[DevTools]:
-    assert CHROMIUM is not None
-    process = await asyncio.create_subprocess_exec(
-        CHROMIUM,
-        *CHROMIUM_FLAGS,
-        "--remote-debugging-address=127.0.0.1",
-        "--remote-debugging-port=0",
-        f"--user-data-dir={profile}",
-        "about:blank",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert process.stderr is not None
-        endpoint = None
-        while endpoint is None:
-            line = await asyncio.wait_for(process.stderr.readline(), 60)
-            if not line:
-                raise AssertionError("Chromium exited before its DevTools endpoint was up")
-            if match := re.search(rb"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line):
-                endpoint = f"http://127.0.0.1:{int(match.group(1))}"
-        async with aiohttp.ClientSession() as session:
-            async with session.get(endpoint + "/json/list") as response:
-                targets = await response.json()
-            page = next(t for t in targets if t["type"] == "page")
-            async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-                tools = DevTools(ws)
-                try:
-                    await tools.send("Page.enable")
-                    await tools.send("Runtime.enable")
-                    yield tools
-                finally:
-                    await tools.close()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
 
 
 @pytest.fixture

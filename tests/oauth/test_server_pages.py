@@ -19,8 +19,9 @@ from aiohttp import web
 
 from mcp_sse.oauth.server import OAuthServer
 from mcp_sse.security.cookies import start_cookie_session
+from tests.browser import CHROMIUM, CHROMIUM_FLAGS
 
-from .as_helpers import AS, CHROMIUM, CHROMIUM_FLAGS, authorization_params, pkce, register, start_as
+from .as_helpers import AS, authorization_params, pkce, register, start_as
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)"

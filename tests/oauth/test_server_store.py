@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mcp_sse.oauth.tokens import OwnToken, SigningKey
-from mcp_sse.store import ClientRecord, CodeRecord, GrantRecord, RefreshRecord
+from mcp_sse.store import ClientRecord, CodeRecord, GrantRecord, OAuthStore, RefreshRecord
 from mcp_sse.store.sqlite import SQLiteStore, StoreError
 
 from .as_helpers import (
@@ -31,11 +31,31 @@ from .as_helpers import (
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     s = SQLiteStore(tmp_path / "state" / "oauth.sqlite3")
     await s.open()
     yield s
     await s.close()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OAuthStore]:
+    """Every engine of OAuthStore against the same tests: SQLite, and Redis on a real redis-server."""
+    if request.param == "sqlite":
+        s: OAuthStore = SQLiteStore(tmp_path / "state" / "oauth.sqlite3")
+        await s.open()
+        yield s
+        await s.close()
+        return
+    import redis.asyncio
+
+    from mcp_sse.store.redis_oauth import RedisOAuthStore
+
+    # Database 0 of the session's server: the redis_url fixture hands out 1..63.
+    client = redis.asyncio.Redis.from_url(request.getfixturevalue("_redis_server") + "/0")
+    await client.flushdb()
+    yield RedisOAuthStore(client)
+    await client.aclose()
 
 
 def grant(grant_id: str = "g1", *, client_id: str = "c1", expires_at: float = 2000.0) -> GrantRecord:
@@ -65,7 +85,8 @@ def client(client_id: str = "c1", last_used_at: float = 1000.0) -> ClientRecord:
     )
 
 
-async def test_files_are_private_and_in_wal_mode(store: SQLiteStore) -> None:
+async def test_files_are_private_and_in_wal_mode(sqlite_store: SQLiteStore) -> None:
+    store = sqlite_store
     await store.add_client(client())  # a write, so the -wal and -shm files exist
     files = sorted(p.name for p in store.path.parent.iterdir())
     assert files == ["oauth.sqlite3", "oauth.sqlite3-shm", "oauth.sqlite3-wal"]
@@ -97,14 +118,14 @@ async def test_a_store_from_a_newer_version_is_refused(tmp_path: Path) -> None:
         await SQLiteStore(path).open()
 
 
-async def test_a_code_is_taken_once_even_by_racing_requests(store: SQLiteStore) -> None:
+async def test_a_code_is_taken_once_even_by_racing_requests(store: OAuthStore) -> None:
     await store.add_code(code())
     results = await asyncio.gather(*(store.take_code(b"c" * 32) for _ in range(20)))
     assert sorted(r[1] for r in results if r is not None) == [False] * 19 + [True]
     assert await store.take_code(b"d" * 32) is None
 
 
-async def test_a_revoked_grant_id_cannot_be_created_afterwards(store: SQLiteStore) -> None:
+async def test_a_revoked_grant_id_cannot_be_created_afterwards(store: OAuthStore) -> None:
     # The code's reuse arrived while its first redemption was still under way.
     assert await store.revoke_grant("g1", 1000.0, remember_until=1700.0) is False
     assert await store.create_grant(grant(), RefreshRecord(b"r" * 32, "g1", 2000.0)) is False
@@ -112,7 +133,7 @@ async def test_a_revoked_grant_id_cannot_be_created_afterwards(store: SQLiteStor
     assert await store.find_refresh(b"r" * 32, 1001.0) is None
 
 
-async def test_racing_rotations_of_one_refresh_token_end_the_family(store: SQLiteStore) -> None:
+async def test_racing_rotations_of_one_refresh_token_end_the_family(store: OAuthStore) -> None:
     assert await store.create_grant(grant(), RefreshRecord(b"r" * 32, "g1", 2000.0))
     rotations = await asyncio.gather(
         store.rotate_refresh(b"r" * 32, RefreshRecord(b"a" * 32, "g1", 2100.0), 1001.0),
@@ -124,7 +145,7 @@ async def test_racing_rotations_of_one_refresh_token_end_the_family(store: SQLit
         assert await store.find_refresh(token_sha256, 1002.0) is None
 
 
-async def test_rotation_extends_the_grant_and_expired_tokens_are_gone(store: SQLiteStore) -> None:
+async def test_rotation_extends_the_grant_and_expired_tokens_are_gone(store: OAuthStore) -> None:
     assert await store.create_grant(grant(), RefreshRecord(b"r" * 32, "g1", 2000.0))
     rotation = await store.rotate_refresh(b"r" * 32, RefreshRecord(b"a" * 32, "g1", 3000.0), 1500.0)
     assert rotation.outcome == "rotated"
@@ -138,7 +159,7 @@ async def test_rotation_extends_the_grant_and_expired_tokens_are_gone(store: SQL
     ).outcome == "gone"
 
 
-async def test_prune_forgets_what_can_no_longer_be_used(store: SQLiteStore) -> None:
+async def test_prune_forgets_what_can_no_longer_be_used(store: OAuthStore) -> None:
     await store.add_client(client("old", last_used_at=1000.0))
     await store.add_client(client("held", last_used_at=1000.0))
     await store.add_client(client("recent", last_used_at=5000.0))
@@ -157,7 +178,8 @@ async def test_prune_forgets_what_can_no_longer_be_used(store: SQLiteStore) -> N
     assert await store.count_clients() == 1
 
 
-async def test_grant_reads_on_the_loop_fall_back_to_the_thread_when_busy(store: SQLiteStore) -> None:
+async def test_grant_reads_on_the_loop_fall_back_to_the_thread_when_busy(sqlite_store: SQLiteStore) -> None:
+    store = sqlite_store
     assert await store.create_grant(grant(), RefreshRecord(b"r" * 32, "g1", 2000.0))
 
     class Busy:
