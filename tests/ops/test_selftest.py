@@ -103,6 +103,7 @@ class Done:
     @property
     def rows(self) -> dict[str, tuple[str, str]]:
         """--json's checks: name -> (status, detail)."""
+        assert self.stdout.strip(), f"selftest printed no results (exit {self.code}): {self.stderr[-2000:]}"
         return {c["name"]: (c["status"], c["detail"]) for c in json.loads(self.stdout)["checks"]}
 
     def statuses(self) -> dict[str, str]:
