@@ -49,7 +49,7 @@ from ..store.redis_keys import keys_changed
 from ..upstream.breaker import OPEN, CircuitBreaker
 from . import audit_query
 
-__all__ = ["ADMIN_PATHS", "MAX_BODY", "EndIdentities", "add_admin_routes"]
+__all__ = ["ADMIN_PATHS", "MAX_BODY", "EndIdentities", "add_admin_routes", "unrestricted_admin"]
 
 MAX_BODY: Final = 16 * 1024
 """A key's settings fit in far less; anything bigger is refused before it is read."""
@@ -126,7 +126,8 @@ def _iso(when: dt.datetime | float | None) -> str | None:
     return when.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _unrestricted_admin(key: ApiKey) -> bool:
+def unrestricted_admin(key: ApiKey) -> bool:
+    """Whether `key` may use /api/ and /console: an admin limited to no backend or tool, not expired."""
     return (
         key.role == "admin"
         and key.backends is None
@@ -335,8 +336,8 @@ async def _delete_key(request: web.Request, fields: Fields) -> web.StreamRespons
     key = _known(request, key_id)
     _not_auth_token(key_id, "deleted")
     store = request.app[KEYS]
-    if _unrestricted_admin(key) and not any(
-        _unrestricted_admin(k) for k in store.by_id.values() if k.id != key_id
+    if unrestricted_admin(key) and not any(
+        unrestricted_admin(k) for k in store.by_id.values() if k.id != key_id
     ):
         raise _Refused(
             409,

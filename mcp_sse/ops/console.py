@@ -35,7 +35,7 @@ from ..security.cookies import end_cookie_session, login_from_cookie, start_cook
 from ..security.keys import ApiKey
 from ..security.origin import SAME_ORIGIN
 from ..state import AUDIT, KEYS, LOGINS
-from .admin import _unrestricted_admin
+from .admin import unrestricted_admin
 
 __all__ = [
     "CONSOLE_PATH",
@@ -154,7 +154,7 @@ async def _console(request: web.Request) -> web.Response:
     key = await _signed_in(request)
     if key is None:
         return _html(_signin(request))
-    if not _unrestricted_admin(key):  # the /api/ rule: this page would only show refusals
+    if not unrestricted_admin(key):  # the /api/ rule: this page would only show refusals
         request.app[AUDIT].event(
             "policy.denied", request, identity=key.id, reason="console needs an admin key"
         )
@@ -197,7 +197,7 @@ async def _login(request: web.Request) -> web.Response:
     if key is None or logins is None:
         request.app[AUDIT].event("auth.failed", request, reason="login")
         raise _refusal(web.HTTPUnauthorized, _signin(request, "That key is not valid."))
-    if not _unrestricted_admin(key):
+    if not unrestricted_admin(key):
         # No login is made for a key that could not use the console: its cookie would only be a
         # credential lying in this browser for the MCP routes.
         request.app[AUDIT].event(

@@ -27,10 +27,13 @@ def notify(*states: str) -> bool:
         return False  # vsock:... addresses (VMs) are not supported here
     try:
         payload = "\n".join(states).encode()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        # Non-blocking: a manager that stops reading (its queue full) must not stop our event loop.
+        kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        with socket.socket(socket.AF_UNIX, kind) as sock:
             sock.connect(address)
             return sock.send(payload) == len(payload)
-    except (OSError, ValueError):  # ValueError: a NUL in the path, or text that cannot be encoded
+    # OSError: no listener, or its queue is full; ValueError: a NUL in the path, or unencodable text.
+    except (OSError, ValueError):
         return False
 
 

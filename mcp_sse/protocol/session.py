@@ -92,19 +92,24 @@ class EventStream:
         self.reader = owner
         self._changed.set()  # wake a previous reader so it notices it was replaced
         loop = asyncio.get_running_loop()
+        events = self._events
         while self.reader is owner:
-            if self._events and self._events[0][0] > after + 1:
+            if events and events[0][0] > after + 1:
                 raise StreamOverrun(f"stream {self.number} lost events after {after}")
             # Sequence numbers are consecutive and the newest is last: what is new is the tail, read
             # from the right end (O(new events), not O(buffer) as a scan of the whole deque is).
-            new = min(self._seq - after, len(self._events))
-            pending = [self._events[i] for i in range(-new, 0)]
-            for seq, data in pending:
+            new = min(self._seq - after, len(events))
+            if new == 1:  # the usual wake: one event (a copy first only when more may come meanwhile)
+                seq, data = events[-1]
                 yield seq, data
                 after = self.delivered = max(self.delivered, seq)
+            elif new > 1:
+                for seq, data in [events[i] for i in range(-new, 0)]:
+                    yield seq, data
+                    after = self.delivered = max(self.delivered, seq)
             if self.finished and after >= self._seq:
                 return
-            if not pending:
+            if new <= 0:
                 self._changed.clear()
                 # A bare timer, not asyncio.timeout: this runs for every event, and it only has to wake us.
                 timer = loop.call_later(idle, self._changed.set)

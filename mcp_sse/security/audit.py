@@ -35,6 +35,7 @@ from typing import Any, Final, TextIO
 from aiohttp import web
 
 # AUDIT, the app's AuditLog, lives in state.py with the other keys; it is re-exported from here.
+from ..protocol.jsonrpc import encoder
 from ..state import AUDIT, CLIENT_IP, IDENTITY, REQUEST_ID
 
 __all__ = [
@@ -120,9 +121,9 @@ _BEARER: Final = re.compile(r"\b(bearer|basic)\s+\S+", re.I)
 # log viewer show something other than what was logged ("Trojan Source", CVE-2021-42574).
 _CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _FIXED: Final = frozenset({"ts", "event"})  # when and what: never taken from a caller's fields
-# Made once: json.dumps with any option builds a new encoder on every call.
-_CANONICAL: Final = json.JSONEncoder(sort_keys=True, default=str).encode
-_LINE: Final = json.JSONEncoder(ensure_ascii=True, default=str).encode
+# Built once, the C encoder called directly (protocol/jsonrpc.encoder): the stdlib rebuilds it per call.
+_CANONICAL: Final = encoder(separators=(", ", ": "), ensure_ascii=True, sort_keys=True, default=str)
+_LINE: Final = encoder(separators=(", ", ": "), ensure_ascii=True, default=str)
 
 
 def digest(data: bytes) -> str:
@@ -156,6 +157,18 @@ def _text(value: str) -> str:
         # Masked before stripping: the space between "Bearer" and a token may be a control character.
         value = _CONTROL.sub("", _BEARER.sub(_mask, value))
     return value if len(value) <= MAX_STRING else value[:MAX_STRING] + "...[truncated]"
+
+
+@functools.lru_cache(maxsize=512)
+def _fixed_text(value: str) -> str:
+    """`_text` of one of the event names the code passes: a small fixed set, so cached."""
+    return _text(value)
+
+
+@functools.lru_cache(maxsize=512)
+def _phrase(name: str) -> str:
+    """An event's line message when its caller gave none: its fixed phrase, or its name."""
+    return _text(MESSAGES.get(name) or "") or _fixed_text(name)
 
 
 def sanitize(value: Any, depth: int = 0) -> Any:
@@ -495,7 +508,7 @@ class AuditLog:
 
     def record(self, name: str, request: web.Request | None = None, **fields: Any) -> dict[str, Any]:
         """The dict `event()` would write: useful to tests and to callers that forward it elsewhere."""
-        line: dict[str, Any] = {"ts": _now(), "event": _text(name)}
+        line: dict[str, Any] = {"ts": _now(), "event": _fixed_text(name)}
         if request is None:
             line.update(request_id=None, ip=None, identity=None)
         else:
@@ -512,10 +525,21 @@ class AuditLog:
             if value is None and line.get(key) is not None:
                 continue  # identity=None from a caller does not erase what the request knows
             name_in_line, secret = _line_name(key)
-            line[name_in_line] = REDACTED if secret else self._payload(value)
-        phrase = MESSAGES.get(name)
-        parts = [p for p in (phrase, None if extra is None else str(extra)) if p]
-        line["msg"] = _text(": ".join(parts)) if parts else line["event"]
+            kind = type(value)  # exact types first: most fields are, and need no more than this
+            line[name_in_line] = (
+                REDACTED
+                if secret
+                else _text(value)
+                if kind is str
+                else value
+                if kind is int or value is None
+                else self._payload(value)
+            )
+        if extra is None:
+            line["msg"] = _phrase(name)
+        else:
+            parts = [p for p in (MESSAGES.get(name), str(extra)) if p]
+            line["msg"] = _text(": ".join(parts)) if parts else line["event"]
         return line
 
     def event(self, name: str, request: web.Request | None = None, **fields: Any) -> None:

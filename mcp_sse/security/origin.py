@@ -13,6 +13,7 @@ for, and why a loopback server should set it to its own names.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -166,10 +167,12 @@ def origin_middleware(
         return origin in origins or origin in extra.get(path, none)
 
     def host_allowed(values: list[str]) -> bool:
-        if len(values) != 1:
-            return False
+        return len(values) == 1 and host_verdict(values[0])
+
+    @functools.lru_cache(maxsize=256)  # every request asks, with one of a few values: bounded anyway
+    def host_verdict(value: str) -> bool:
         try:
-            host, port = normalise_host(values[0])
+            host, port = normalise_host(value)
         except ValueError:
             return False
         return (host, None) in hosts or (host, port) in hosts

@@ -57,6 +57,23 @@ def test_notify_sends_one_datagram_to_a_path(tmp_path: Path, monkeypatch: pytest
         assert drain(sock) == []
 
 
+def test_a_manager_that_stops_reading_never_blocks_the_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A blocking send would hang here, on the event loop, once the unread queue is full (the
+    # suite's timeout would fail the test); each call must return, and say it was not sent.
+    path = str(tmp_path / "notify")
+    with listening(path) as sock:
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        sent = [sd_notify.notify("WATCHDOG=1") for _ in range(20_000)]
+        assert sent[0] is True
+        assert sent.count(False) > 0  # the queue filled (net.unix.max_dgram_qlen) and we went on
+        assert sent.index(False) == sent.count(True)  # sent until full, refused from then on
+        received = drain(sock)
+        assert len(received) == sent.count(True) and set(received) == {b"WATCHDOG=1"}
+        assert sd_notify.notify("READY=1")  # read again: sent again
+
+
 def test_notify_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     name = f"mcp-sse-test-{secrets.token_hex(8)}"
     with listening("\0" + name) as sock:
