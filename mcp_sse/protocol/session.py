@@ -157,6 +157,9 @@ class Session:
     request_streams: dict[tuple[bool, str | int], EventStream] = field(default_factory=dict)
     on_close: list[Callable[[Session], None]] = field(default_factory=list)
     _next_stream: int = 1
+    _finished: OrderedDict[int, None] = field(
+        default_factory=OrderedDict
+    )  # finished request streams, oldest first
 
     def __post_init__(self) -> None:
         self.streams[0] = EventStream(0, self.buffer_size)
@@ -171,16 +174,23 @@ class Session:
         self._next_stream += 1
         self.streams[stream.number] = stream
         self.request_streams[id_key(request_id)] = stream
-        # Finished streams stay replayable for a while, but their number is bounded.
-        finished = [n for n, s in self.streams.items() if n and s.finished]
-        for number in finished[:-FINISHED_STREAMS_KEPT]:
-            del self.streams[number]
+        # Finished streams stay replayable for a while, but their number is bounded: the oldest go.
+        finished = self._finished
+        while len(finished) > FINISHED_STREAMS_KEPT:
+            self.streams.pop(finished.popitem(last=False)[0], None)
         return stream
 
     def end_request_stream(self, request_id: str | int) -> None:
         stream = self.request_streams.pop(id_key(request_id), None)
         if stream is not None:
             stream.finish()
+            if stream.number in self.streams:
+                self._finished[stream.number] = None
+
+    def forget_stream(self, number: int) -> None:
+        """Drop a request's stream at once (its only event went out as plain JSON): nothing to replay."""
+        self.streams.pop(number, None)
+        self._finished.pop(number, None)
 
     def send(self, message: Message, related: str | int | None = None) -> None:
         """Queue a server-to-client message on the stream of the request it relates to, else stream 0."""

@@ -164,7 +164,7 @@ class StreamableHTTP:
         spawn(request.app, run())
         await stream.wait_first()
         if (only := stream.sole_event()) is not None:
-            session.streams.pop(stream.number, None)
+            session.forget_stream(stream.number)
             return web.Response(text=only, content_type="application/json")
         response = await open_sse(request)
         try:
