@@ -29,7 +29,9 @@ from .keys import ApiKey, KeyStore, bearer_token
 from .origin import SAME_ORIGIN
 from .ratelimit import (
     LOCKED_OUT,
+    LOCKOUT_DEFERRED,
     Counters,
+    Decision,
     LogThrottle,
     RateLimiter,
     StreamCounter,
@@ -175,6 +177,12 @@ def authentication(
             and hmac.compare_digest(token.encode(), metrics_token.reveal().encode())
         ):
             # A scraper: no key, no audit line per scrape; a lockout holds it as it holds a key.
+            if (
+                shared is not None
+                and request.get(LOCKOUT_DEFERRED)
+                and (deferred := await shared.locked(request[CLIENT_IP])) > 0
+            ):
+                request[LOCKED_OUT] = deferred
             if (left := request.get(LOCKED_OUT)) is not None:
                 raise lockout_refusal(left)
             request[IDENTITY] = "metrics-token"
@@ -197,8 +205,16 @@ def authentication(
             return public_health(request.app)  # /health's code and status for load balancers, no names
         authenticated: Authenticated | None = None
         key: ApiKey | None
+        charged: Decision | None = None  # the key's charge, made with its lockout check (below)
         if token is not None:
             key = keys.verify(token)
+            if key is not None and shared is not None and request.get(LOCKOUT_DEFERRED):
+                # The address's lockout and the key's charge in one round trip (LOCKOUT_DEFERRED);
+                # charged only when not locked, so a refused right secret learns no quota.
+                limit = key.rate_limit or settings.rate_limit
+                left, charged = await shared.charge(request[CLIENT_IP], key_budget(key.id), limit=limit)
+                if left > 0:
+                    request[LOCKED_OUT] = left
             refused: TokenError | None = None
             if key is None and oauth is not None:
                 try:
@@ -273,7 +289,11 @@ def authentication(
                 limiter,
                 budget,
                 limit,
-                None if shared is None else await shared.hit(key_budget(budget), limit=limit),
+                None
+                if shared is None
+                else charged
+                if charged is not None
+                else await shared.hit(key_budget(budget), limit=limit),
             )
         except web.HTTPTooManyRequests:
             audit.event("rate_limited", request, scope="key")

@@ -40,6 +40,7 @@ from .cors import is_preflight
 
 __all__ = [
     "LOCKED_OUT",
+    "LOCKOUT_DEFERRED",
     "MAX_KEYS",
     "Counters",
     "Decision",
@@ -353,6 +354,13 @@ class Counters(Protocol):
         unreachable (for a login, which is a guess by its nature)."""
         ...
 
+    async def charge(
+        self, ip: IPAddress | str, key: str, *, limit: int, now: float | None = None
+    ) -> tuple[float, Decision | None]:
+        """`locked(ip)` and, only when that is 0, `hit(key)`, in one decision (one Redis round trip
+        for an authenticated call): (seconds of lockout left, None) or (0, the key's decision)."""
+        ...
+
     async def reset(self, ip: IPAddress | str) -> None: ...
 
     async def acquire(self, key: str) -> bool:
@@ -382,6 +390,13 @@ class MemoryCounters:
     async def locked(self, ip: IPAddress | str, *, now: float | None = None, strict: bool = False) -> float:
         return self.lockout.locked(ip, now=now)  # memory is always available: strict changes nothing
 
+    async def charge(
+        self, ip: IPAddress | str, key: str, *, limit: int, now: float | None = None
+    ) -> tuple[float, Decision | None]:
+        if (left := self.lockout.locked(ip, now=now)) > 0:
+            return left, None
+        return 0.0, self.limiter.hit(key, limit=limit, now=now)
+
     async def reset(self, ip: IPAddress | str) -> None:
         self.lockout.reset(ip)
 
@@ -406,6 +421,13 @@ LOCKED_OUT: Final[web.RequestKey[float]] = web.RequestKey("locked_out")
 """Set on a request that presented a credential from a locked-out address: the seconds left.
 Authentication must then admit it only on a credential no guess can produce, and refuse anything
 else with `lockout_refusal` (see `security/auth.py`)."""
+
+
+LOCKOUT_DEFERRED: Final[web.RequestKey[bool]] = web.RequestKey("lockout_deferred")
+"""Set, with a shared engine, on a request presenting a key credential (not a login): the rate-limit
+layer leaves its address's lockout to authentication, which asks it with the key's charge in one
+call (`Counters.charge`). So an authenticated call costs one Redis round trip, not two. Whatever
+ends in a 401 still has the lockout asked first, so a locked address learns nothing either way."""
 
 
 class LockedOut(web.HTTPTooManyRequests):
@@ -549,6 +571,8 @@ def ip_rate_limit_middleware(
             left = 0.0
         elif shared is None:
             left = lockout.locked(_client_ip(request))
+        elif presented is not None and not login:
+            left, request[LOCKOUT_DEFERRED] = 0.0, True  # asked by authentication (LOCKOUT_DEFERRED)
         else:
             left = await shared.locked(_client_ip(request), strict=login)
         if left > 0:
@@ -564,8 +588,19 @@ def ip_rate_limit_middleware(
             _charge(request, key, decision)
         try:
             return await handler(request)
+        except LockedOut as exc:  # authentication found the address locked (LOCKOUT_DEFERRED)
+            _audit_locked(request, float(exc.headers["Retry-After"]))
+            raise
         except web.HTTPException as exc:
             if exc.status == 401:
+                if (
+                    shared is not None
+                    and request.get(LOCKOUT_DEFERRED)
+                    and (left := await shared.locked(_client_ip(request))) > 0
+                ):
+                    # As _locked answers it: not a failure, the lockout already holds.
+                    _audit_locked(request, left)
+                    raise lockout_refusal(left) from None
                 if lockout is not None and (presented is not None or login):
                     ip = _client_ip(request)
                     tripped = (
@@ -601,9 +636,12 @@ def ip_rate_limit_middleware(
                 raise
         except LockedOut:
             # Neither counted as failures nor against the address: the lockout already holds.
-            if throttle.allow(f"locked:{_client_key(request)}"):
-                audit.event("auth.locked", request, retry_after=max(1, _ceil(left)))
+            _audit_locked(request, left)
             raise
+
+    def _audit_locked(request: web.Request, left: float) -> None:
+        if throttle.allow(f"locked:{_client_key(request)}"):
+            audit.event("auth.locked", request, retry_after=max(1, _ceil(left)))
 
     def _charge(request: web.Request, key: str, decision: Decision) -> None:
         request[_QUOTA] = _Quota(decision, limiter.policy)

@@ -70,13 +70,12 @@ if now == nil then
 end
 """
 
-# RateLimiter.hit: KEYS[1] the bucket {s: start, p: previous, c: current}; ARGV now, limit, window (ms).
-# Returns {allowed, elapsed ms, previous, current before this hit}; Python computes the headers.
-_HIT: Final = (
-    _NOW
-    + """
-local limit, w = tonumber(ARGV[2]), tonumber(ARGV[3])
-local b = redis.call('HMGET', KEYS[1], 's', 'p', 'c')
+# RateLimiter.hit on the bucket KEYS[#KEYS] {s: start, p: previous, c: current}; ARGV now, limit,
+# window (ms). Returns {allowed, elapsed ms, previous, current before this hit}; Python computes the
+# headers.
+_HIT_BUCKET: Final = """
+local bucket, limit, w = KEYS[#KEYS], tonumber(ARGV[2]), tonumber(ARGV[3])
+local b = redis.call('HMGET', bucket, 's', 'p', 'c')
 local start, prev, cur = now, 0, 0
 if b[1] then
   start, prev, cur = tonumber(b[1]), tonumber(b[2]), tonumber(b[3])
@@ -90,11 +89,11 @@ end
 local used = prev * (1 - (now - start) / w) + cur
 local allowed = 0
 if used + 1 <= limit then allowed = 1 end
-redis.call('HSET', KEYS[1], 's', start, 'p', prev, 'c', cur + allowed)
-redis.call('PEXPIRE', KEYS[1], math.max(1, start + 2 * w - now))
+redis.call('HSET', bucket, 's', start, 'p', prev, 'c', cur + allowed)
+redis.call('PEXPIRE', bucket, math.max(1, start + 2 * w - now))
 return {allowed, now - start, prev, cur}
 """
-)
+_HIT: Final = _NOW + _HIT_BUCKET
 
 # FailureLockout.failed: KEYS failures {s: start, n: unseen}, marks (set of digests), until (ms).
 # ARGV now, window, lockout (ms), max failures, the credential's mark ('' when unseen).
@@ -137,6 +136,21 @@ if ends <= now then
 end
 return ends - now
 """
+)
+
+# Counters.charge: KEYS[1] the address's lockout until (ms), KEYS[2] the key's bucket; ARGV as _HIT's.
+# {-1, ms left} while locked (nothing charged), else _HIT's answer. (Two keys in two hash slots: one
+# Redis, not a Redis Cluster, as REDIS_URL is.)
+_CHARGE: Final = (
+    _NOW
+    + """
+local ends = tonumber(redis.call('GET', KEYS[1]))
+if ends ~= nil then
+  if ends > now then return {-1, ends - now} end
+  redis.call('DEL', KEYS[1])
+end
+"""
+    + _HIT_BUCKET
 )
 
 # Streams: KEYS[1] a sorted set of stream ids scored by when they stop counting unless refreshed.
@@ -218,6 +232,7 @@ class RedisCounters:
                 ("hit", _HIT),
                 ("failed", _FAILED),
                 ("locked", _LOCKED),
+                ("charge", _CHARGE),
                 ("acquire", _ACQUIRE),
                 ("refresh", _REFRESH),
                 ("open", _OPEN),
@@ -329,8 +344,27 @@ class RedisCounters:
         found = await self._run("hit", [f"{PREFIX}rate:{key}"], [_ms(now), limit, window_ms])
         if found is None:
             return self.limiter.hit(key, limit=limit, now=now)
+        return self._decision(found, limit)
+
+    async def charge(
+        self, ip: IPAddress | str, key: str, *, limit: int, now: float | None = None
+    ) -> tuple[float, Decision | None]:
+        if (held := self.lockout.locked(ip, now=now)) > 0:  # one tripped here during an outage holds
+            return held, None
+        window_ms = round(self.limiter.window * 1000)
+        keys = [self._lockout_keys(ip)[2], f"{PREFIX}rate:{key}"]
+        found = await self._run("charge", keys, [_ms(now), limit, window_ms])
+        if found is None:
+            return 0.0, self.limiter.hit(key, limit=limit, now=now)
+        if int(found[0]) < 0:
+            left = int(found[1]) / 1000
+            self.lockout.hold(ip, left, now=now)
+            return left, None
+        return 0.0, self._decision(found, limit)
+
+    def _decision(self, found: list[Any], limit: int) -> Decision:
+        """A Decision from _HIT's answer: the memory limiter's own arithmetic on the shared bucket."""
         allowed, elapsed_ms, previous, current = (int(v) for v in found)
-        # The memory limiter's own arithmetic, on the shared bucket (elapsed from its start).
         w, elapsed = self.limiter.window, elapsed_ms / 1000
         used = previous * (1 - elapsed / w) + current
         reset = max(1, _ceil(w - elapsed))

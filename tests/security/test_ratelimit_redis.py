@@ -149,6 +149,22 @@ async def test_lockout_counts_distinct_credentials_within_the_window(engine: Cou
     assert await engine.locked("2001:db8::ffff", now=1.0) == 899.0
 
 
+async def test_charge_is_the_lockout_then_the_key_in_one_decision(engine: Counters) -> None:
+    ip, reference = "203.0.113.9", RateLimiter(window_ms=round(WINDOW * 1000), max_requests=10)
+    for t in (0.0, 1.0, 2.0):  # not locked: the key is charged, exactly as hit() charges it
+        assert await engine.charge(ip, "key:k", limit=3, now=t) == (0.0, reference.hit("k", limit=3, now=t))
+    left, refused = await engine.charge(ip, "key:k", limit=3, now=3.0)
+    assert left == 0.0 and refused is not None and not refused.allowed
+    for guess in ("x", "y", "z"):
+        await engine.failed(ip, guess, now=4.0)
+    # Locked: the seconds left, and nothing charged (a refused right secret learns no quota).
+    assert await engine.charge(ip, "key:other", limit=3, now=10.0) == (894.0, None)
+    assert (await engine.hit("key:other", limit=3, now=10.0)).remaining == 2
+    left, decision = await engine.charge("203.0.113.10", "key:other", limit=3, now=10.0)  # not locked
+    assert left == 0.0 and decision is not None and decision.allowed and decision.remaining == 1
+    assert (await engine.charge(ip, "key:other", limit=3, now=904.0))[0] == 0.0  # served: charged again
+
+
 async def test_streams_up_to_the_limit_per_key(engine: Counters) -> None:
     assert await engine.acquire("a") and await engine.acquire("a")
     assert not await engine.acquire("a")
@@ -262,8 +278,40 @@ async def test_a_lockout_on_one_instance_holds_on_the_other(
         async with guesser.get(f"{b.url}/mcp/servers", headers=bearer(keys["alice"])) as response:
             assert response.status == 429
             assert "failed authentication" in (await response.json())["error"]
+        for wrong in (keys["alice"] + "x", "four"):  # a wrong one too: the same 429, never a 401
+            async with guesser.get(f"{b.url}/mcp/servers", headers=bearer(wrong)) as response:
+                assert response.status == 429
+                assert "failed authentication" in (await response.json())["error"]
     async with session_from("127.0.0.3") as other:  # another address is not locked
         assert await status(other, f"{b.url}/mcp/servers", bearer(keys["alice"])) == 200
+
+
+async def _scripts_run(client: redis.asyncio.Redis) -> int:
+    stats = await client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("eval", "evalsha"))
+
+
+@needs_redis
+async def test_an_authenticated_call_costs_one_redis_round_trip(
+    start_gateway: StartGateway, tmp_path: Path, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    # The lockout check and the key's charge are one script (Counters.charge), not two in a row.
+    running = await start_gateway(
+        audit_log=tmp_path / "a.log",
+        redis_url=Secret(redis_url),
+        session_secret=Secret(Fernet.generate_key().decode()),
+        allowed_ips=("127.0.0.0/8",),
+    )
+    alice = {"Authorization": f"Bearer {running.token}"}
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        assert await status(http, f"{running.url}/mcp/servers", alice) == 200  # scripts loaded
+        before = await _scripts_run(client)
+        for _ in range(20):
+            assert await status(http, f"{running.url}/mcp/servers", alice) == 200
+        assert await _scripts_run(client) - before == 20
+    finally:
+        await client.aclose()
 
 
 @needs_redis
