@@ -91,8 +91,15 @@ def _start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit("redis-server did not start")
 
 
-def _ours(processes: Processes, tmp: Path, name: str, settings: dict[str, str]) -> Gateway:
-    gateway = processes.ours(tmp / f"{name}.json", name, settings={"LOG_LEVEL": "INFO", **settings})
+def _ours(
+    processes: Processes,
+    tmp: Path,
+    name: str,
+    settings: dict[str, str],
+    backend: dict[str, Any] | None = None,
+) -> Gateway:
+    settings = {"LOG_LEVEL": "INFO", **settings}
+    gateway = processes.ours(tmp / f"{name}.json", name, backend=backend, settings=settings)
     log = tmp / f"{name}.log"
     workers = int(settings.get("WORKERS", "1"))
     marker = f"{workers} workers listening" if workers > 1 else "internal listener"

@@ -1,0 +1,270 @@
+"""python -m bench saturation: throughput at saturation, with wrk (C) as the load generator.
+
+A Python generator spends more CPU per call than the gateway it measures, on the same 2 cores,
+so it measures itself. wrk spends a few microseconds per call, so what saturates is the gateways,
+their children and the machine. Only answers that carry a JSON-RPC result count; an HTTP 200 is
+not enough (the Lua script in bench/saturation.lua checks each body).
+
+Two measurements, each in `--rounds` interleaved rounds (the order rotates), medians reported:
+
+* **peers**: ours, supergateway 4.0.0 and mcp-proxy 0.13.0, each in front of the same child
+  (`mcp-server-time`), one 2025-06-18 Streamable HTTP session each (opened first in Python), wrk's
+  `--connections` all POSTing tools/call on it. One session, so one child everywhere (supergateway
+  starts one per session). Ours has every security layer on, bearer authentication included.
+* **scale**: ours with WORKERS=1 and WORKERS=2 (REDIS_URL set for both, so only the worker count
+  differs), 2026-07-28 stateless calls (served by whichever worker accepts the connection), on two
+  backends: the in-process twin of the child's tool (`bench/timetools.py`: no child, so the
+  gateway's own CPU is what the workers divide) and the stdio child (one per worker).
+
+Each row also gives CPU per call: the gateway process alone and the whole tree (its children,
+its workers), from schedstat, so a reader sees who was the ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .clients import RawStreamable
+from .procs import CHILD, HERE, Gateway, Processes, _descendants, cpu_seconds, missing_peers
+from .scale import _ours, _start_redis
+
+RESULTS = HERE / "results"
+LUA = HERE / "saturation.lua"
+ACCEPT = "application/json, text/event-stream"
+UNLIMITED = {"KEY_RATE_LIMIT_MAX_REQUESTS": "1000000000", "RATE_LIMIT_MAX_REQUESTS": "1000000000"}
+MODERN = {
+    "Accept": ACCEPT,
+    "MCP-Protocol-Version": "2026-07-28",
+    "Mcp-Method": "tools/call",
+    "Mcp-Name": "get_current_time",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench saturation", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="peers,scale", help="peers, scale or both (default)")
+    parser.add_argument("--seconds", type=int, default=8, help="wrk's window per target per round (8)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
+    parser.add_argument("--label", default="saturation", help="results file name (saturation)")
+    return parser
+
+
+def _is_child(pid: int) -> bool:
+    """Whether `pid` is the MCP server (`python -m mcp_server_time`), not a gateway or its worker."""
+    try:
+        return CHILD[2].encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _tree(pid: int) -> tuple[float, float]:
+    """CPU seconds of (the gateway: the process and its workers, not its MCP children; the whole
+    tree, children included)."""
+    gateway = total = cpu_seconds(pid)
+    for descendant in _descendants(pid):
+        seconds = cpu_seconds(descendant)
+        total += seconds
+        gateway += 0.0 if _is_child(descendant) else seconds
+    return gateway, total
+
+
+def _wrk(url: str, headers: dict[str, str], era: str, args: argparse.Namespace) -> dict[str, Any]:
+    command = ["wrk", "-t", str(args.threads), "-c", str(args.connections), "-d", f"{args.seconds}s"]
+    command += ["-s", str(LUA)]
+    for name, value in {**headers, "Content-Type": "application/json"}.items():
+        command += ["-H", f"{name}: {value}"]
+    done = subprocess.run(
+        [*command, url, "--", era], capture_output=True, text=True, timeout=600, check=False
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-800:]} {done.stderr[-800:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def _measure(
+    gateway: Gateway, url: str, headers: dict[str, str], era: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    own0, tree0 = _tree(gateway.pid)
+    found = _wrk(url, headers, era, args)
+    own1, tree1 = _tree(gateway.pid)
+    ok = max(1, found["ok"])
+    return {
+        "calls_per_s": found["ok"] / found["seconds"],
+        "bad": found["bad"],
+        "socket_errors": found["socket_errors"],
+        "p50_ms": found["p50_us"] / 1000,
+        "p99_ms": found["p99_us"] / 1000,
+        "own_cpu_ms": (own1 - own0) * 1000 / ok,
+        "tree_cpu_ms": (tree1 - tree0) * 1000 / ok,
+    }
+
+
+async def _session(gateway: Gateway) -> dict[str, str]:
+    """A 2025 session opened on `gateway`: the headers its calls carry (left open for wrk)."""
+    async with aiohttp.ClientSession() as http:
+        client = await RawStreamable(http, gateway.url("mcp"), dict(gateway.headers)).open()
+        reply = await client.call(
+            "tools/call", {"name": "get_current_time", "arguments": {"timezone": "UTC"}}
+        )
+        if "result" not in reply:
+            raise RuntimeError(f"{gateway.name} did not answer a tools/call: {reply}")
+        return client.headers
+
+
+def _rounds(targets: dict[str, Callable[[], dict[str, Any]]], rounds: int) -> dict[str, list[dict[str, Any]]]:
+    names = list(targets)
+    found: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            row = targets[name]()
+            found[name].append(row)
+            print(
+                f"round {r + 1} {name}: {row['calls_per_s']:,.0f} calls/s, {row['bad']} bad, "
+                f"own {row['own_cpu_ms']:.3f} ms, tree {row['tree_cpu_ms']:.3f} ms per call",
+                flush=True,
+            )
+    return found
+
+
+def _median(rows: list[dict[str, Any]], field: str) -> float:
+    return float(statistics.median(row[field] for row in rows))
+
+
+def _ratio(rows: dict[str, list[dict[str, Any]]], a: str, b: str) -> float:
+    """The median over rounds of a's calls/s over b's (same round: the machine's drift falls on both)."""
+    ratios = [x["calls_per_s"] / max(1e-9, y["calls_per_s"]) for x, y in zip(rows[a], rows[b], strict=True)]
+    return float(statistics.median(ratios))
+
+
+def _peers(processes: Processes, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    missing = missing_peers()
+    if missing:
+        raise SystemExit("peers missing; install them:\n" + "\n".join(missing.values()))
+    gateways = {
+        "ours": processes.ours(tmp / "ours.json", settings=UNLIMITED),
+        "supergateway": processes.supergateway("mcp"),
+        "mcp-proxy": processes.mcp_proxy(),
+    }
+    targets: dict[str, Callable[[], dict[str, Any]]] = {}
+    for name, gateway in gateways.items():
+        headers = asyncio.run(_session(gateway))
+        targets[name] = functools.partial(_measure, gateway, gateway.url("mcp"), headers, "2025", args)
+    rows = _rounds(targets, args.rounds)
+    return {
+        "rows": rows,
+        "ours_vs_supergateway": _ratio(rows, "ours", "supergateway"),
+        "ours_vs_mcp_proxy": _ratio(rows, "ours", "mcp-proxy"),
+    }
+
+
+def _scale(processes: Processes, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    redis, url = _start_redis(tmp)
+    try:
+        found: dict[str, Any] = {}
+        for backend, entry in (("in-process", {"module": "bench.timetools:tools"}), ("stdio child", None)):
+            targets: dict[str, Callable[[], dict[str, Any]]] = {}
+            for workers in (1, 2):
+                name = f"{backend.replace(' ', '-')}-workers{workers}"
+                settings = {**UNLIMITED, "REDIS_URL": url, "WORKERS": str(workers)}
+                gateway = _ours(processes, tmp, name, settings, backend=entry)
+                headers = {**gateway.headers, **MODERN}
+                targets[f"WORKERS={workers}"] = functools.partial(
+                    _measure, gateway, gateway.url("mcp"), headers, "2026", args
+                )
+            rows = _rounds(targets, args.rounds)
+            found[backend] = {"rows": rows, "two_vs_one": _ratio(rows, "WORKERS=2", "WORKERS=1")}
+            processes.stop_all()
+        return found
+    finally:
+        redis.kill()
+        redis.wait()
+
+
+def _table(data: dict[str, Any]) -> str:
+    out = [
+        f"Run {data['date']}, `python -m bench saturation {' '.join(data['argv'])}`; wrk "
+        f"{data['wrk']}, {data['args']['connections']} connections on {data['args']['threads']} threads, "
+        f"{data['args']['seconds']:g} s per target per round, {data['args']['rounds']} interleaved rounds, "
+        f"medians. Load average before/after: {data['load_before']} / {data['load_after']}.",
+        "",
+    ]
+    out += [
+        "| target | correct calls/s | bad answers | p50 / p99 ms | gateway CPU per call ms | "
+        "tree CPU per call ms (with children) |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+
+    def rows(label: str, found: dict[str, list[dict[str, Any]]]) -> None:
+        for name, runs in found.items():
+            out.append(
+                f"| {label}{name} | {_median(runs, 'calls_per_s'):,.0f} | {sum(r['bad'] for r in runs)} | "
+                f"{_median(runs, 'p50_ms'):.2f} / {_median(runs, 'p99_ms'):.2f} | "
+                f"{_median(runs, 'own_cpu_ms'):.3f} | {_median(runs, 'tree_cpu_ms'):.3f} |"
+            )
+
+    ratios = []
+    if "peers" in data:
+        rows("2025 session, one child: ", data["peers"]["rows"])
+        ratios.append(
+            f"ours ÷ supergateway **{data['peers']['ours_vs_supergateway']:.2f}x**, "
+            f"ours ÷ mcp-proxy **{data['peers']['ours_vs_mcp_proxy']:.2f}x**"
+        )
+    for backend, found in data.get("scale", {}).items():
+        rows(f"2026 stateless, {backend}, ", found["rows"])
+        ratios.append(f"{backend}: WORKERS=2 ÷ WORKERS=1 **{found['two_vs_one']:.2f}x**")
+    out += ["", "Ratios (median of per-round ratios): " + "; ".join(ratios) + "."]
+    return "\n".join(out) + "\n"
+
+
+def _load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("the saturation rows need wrk (apt-get install wrk)")
+        return 2
+    version = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
+    data: dict[str, Any] = {
+        "argv": argv,
+        "args": vars(args),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "wrk": (version.stdout or version.stderr).split()[1],
+        "load_before": _load(),
+    }
+    only = set(args.only.split(","))
+    with tempfile.TemporaryDirectory(prefix="mcp-sse-saturation-") as tmp:
+        processes = Processes(Path(tmp))
+        try:
+            if "peers" in only:
+                data["peers"] = _peers(processes, args, Path(tmp))
+                processes.stop_all()
+            if "scale" in only:
+                data["scale"] = _scale(processes, args, Path(tmp))
+        finally:
+            processes.stop_all()
+    data["load_after"] = _load()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.label}.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    table = _table(data)
+    (RESULTS / f"{args.label}.md").write_text(table)
+    print(table)
+    return 0
