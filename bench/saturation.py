@@ -8,16 +8,21 @@ not enough (the Lua script in bench/saturation.lua checks each body).
 Two measurements, each in `--rounds` interleaved rounds (the order rotates), medians reported:
 
 * **peers**: ours, supergateway 4.0.0 and mcp-proxy 0.13.0, each in front of the same child
-  (`mcp-server-time`), one 2025-06-18 Streamable HTTP session each (opened first in Python), wrk's
-  `--connections` all POSTing tools/call on it. One session, so one child everywhere (supergateway
-  starts one per session). Ours has every security layer on, bearer authentication included.
+  program (`mcp-server-time`), `--sessions` 2025-06-18 Streamable HTTP sessions each (opened
+  first in Python: initialize, notifications/initialized), every wrk connection taking the next
+  session in turn for each request. Ours and mcp-proxy serve all sessions from one child;
+  supergateway starts one child per session, so with `--sessions 1` everyone has exactly one
+  child. Ours has every security layer on, bearer authentication included.
 * **scale**: ours with WORKERS=1 and WORKERS=2 (REDIS_URL set for both, so only the worker count
-  differs), 2026-07-28 stateless calls (served by whichever worker accepts the connection), on two
-  backends: the in-process twin of the child's tool (`bench/timetools.py`: no child, so the
-  gateway's own CPU is what the workers divide) and the stdio child (one per worker).
+  differs): on the in-process twin of the child's tool (`bench/timetools.py`: no child, so the
+  gateway's own CPU is what the workers divide), with 2025-06-18 sessions (a call that lands on
+  the worker not owning its session is relayed to the owner) and with 2026-07-28 stateless calls
+  (served by whichever worker accepts the connection); and on the stdio child (one per worker),
+  stateless.
 
-Each row also gives CPU per call: the gateway process alone and the whole tree (its children,
-its workers), from schedstat, so a reader sees who was the ceiling.
+Each row also gives CPU per call, from schedstat: the gateway (its workers included), its MCP
+children, wrk itself, and how many of the machine's CPUs were busy, so a reader sees who was the
+ceiling. Before measuring, each target answers one request from the same wrk script (printed).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import argparse
 import asyncio
 import functools
 import json
+import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -60,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
+    parser.add_argument("--sessions", type=int, default=4, help="2025 sessions per target (4)")
     parser.add_argument("--label", default="saturation", help="results file name (saturation)")
     return parser
 
@@ -83,49 +91,102 @@ def _tree(pid: int) -> tuple[float, float]:
     return gateway, total
 
 
-def _wrk(url: str, headers: dict[str, str], era: str, args: argparse.Namespace) -> dict[str, Any]:
-    command = ["wrk", "-t", str(args.threads), "-c", str(args.connections), "-d", f"{args.seconds}s"]
+def _machine() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def _wrk(
+    url: str,
+    headers: dict[str, str],
+    era: str,
+    args: argparse.Namespace,
+    sessions: list[str],
+    check: bool = False,
+) -> dict[str, Any]:
+    """One wrk run; `check`: one connection for one second, printing the first reply body."""
+    threads, connections, seconds = (1, 1, 1) if check else (args.threads, args.connections, args.seconds)
+    command = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--latency"]
     command += ["-s", str(LUA)]
     for name, value in {**headers, "Content-Type": "application/json"}.items():
         command += ["-H", f"{name}: {value}"]
-    done = subprocess.run(
-        [*command, url, "--", era], capture_output=True, text=True, timeout=600, check=False
-    )
+    command += [url, "--", era, "show" if check else "quiet", *sessions]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-800:]} {done.stderr[-800:]}")
     result: dict[str, Any] = json.loads(lines[-1])
+    result["replies"] = [line[6:] for line in done.stdout.splitlines() if line.startswith("REPLY ")]
     return result
 
 
-def _measure(
-    gateway: Gateway, url: str, headers: dict[str, str], era: str, args: argparse.Namespace
-) -> dict[str, Any]:
-    own0, tree0 = _tree(gateway.pid)
-    found = _wrk(url, headers, era, args)
-    own1, tree1 = _tree(gateway.pid)
-    ok = max(1, found["ok"])
-    return {
-        "calls_per_s": found["ok"] / found["seconds"],
-        "bad": found["bad"],
-        "socket_errors": found["socket_errors"],
-        "p50_ms": found["p50_us"] / 1000,
-        "p99_ms": found["p99_us"] / 1000,
-        "own_cpu_ms": (own1 - own0) * 1000 / ok,
-        "tree_cpu_ms": (tree1 - tree0) * 1000 / ok,
-    }
+class Target:
+    """A gateway, and the wrk request that drives it."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        headers: dict[str, str],
+        era: str,
+        args: argparse.Namespace,
+        sessions: list[str] | None = None,
+    ) -> None:
+        self.gateway, self.headers, self.era, self.args = gateway, headers, era, args
+        self.url, self.sessions = gateway.url("mcp"), sessions or []
+
+    def check(self) -> str:
+        """One second of wrk on one connection: every reply must carry a result."""
+        found = _wrk(self.url, self.headers, self.era, self.args, self.sessions, check=True)
+        reply = found["replies"][0] if found["replies"] else "(none)"
+        print(f"{self.gateway.name}: wrk check {found['ok']} ok, {found['bad']} bad; one reply: {reply[:400]}")
+        if found["ok"] == 0 or found["bad"]:
+            raise RuntimeError(f"{self.gateway.name} does not answer wrk's tools/call correctly: {reply}")
+        return reply
+
+    def __call__(self) -> dict[str, Any]:
+        pid = self.gateway.pid
+        own0, tree0 = _tree(pid)
+        busy0, total0 = _machine()
+        wrk0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        found = _wrk(self.url, self.headers, self.era, self.args, self.sessions)
+        wrk1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        busy1, total1 = _machine()
+        own1, tree1 = _tree(pid)
+        ok = max(1, found["ok"])
+        wrk_cpu = (wrk1.ru_utime + wrk1.ru_stime) - (wrk0.ru_utime + wrk0.ru_stime)
+        return {
+            "calls_per_s": found["ok"] / found["seconds"],
+            "ok": found["ok"],
+            "bad": found["bad"],
+            "non2xx": found["non2xx"],
+            "socket_errors": found["socket_errors"],
+            "p50_ms": found["p50_us"] / 1000,
+            "p99_ms": found["p99_us"] / 1000,
+            "own_cpu_ms": (own1 - own0) * 1000 / ok,
+            "tree_cpu_ms": (tree1 - tree0) * 1000 / ok,
+            "child_cpu_ms": ((tree1 - tree0) - (own1 - own0)) * 1000 / ok,
+            "wrk_cpu_ms": wrk_cpu * 1000 / ok,
+            "busy_cpus": (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1),
+        }
 
 
-async def _session(gateway: Gateway) -> dict[str, str]:
-    """A 2025 session opened on `gateway`: the headers its calls carry (left open for wrk)."""
-    async with aiohttp.ClientSession() as http:
-        client = await RawStreamable(http, gateway.url("mcp"), dict(gateway.headers)).open()
-        reply = await client.call(
-            "tools/call", {"name": "get_current_time", "arguments": {"timezone": "UTC"}}
-        )
-        if "result" not in reply:
-            raise RuntimeError(f"{gateway.name} did not answer a tools/call: {reply}")
-        return client.headers
+async def _sessions(gateway: Gateway, count: int) -> tuple[dict[str, str], list[str]]:
+    """`count` 2025 sessions opened on `gateway`, each on its own connection (so with several
+    workers they are owned by both): the headers their calls carry, and their ids (left open)."""
+    ids, headers = [], {}
+    for _ in range(count):
+        async with aiohttp.ClientSession() as http:
+            client = await RawStreamable(http, gateway.url("mcp"), dict(gateway.headers)).open()
+            reply = await client.call(
+                "tools/call", {"name": "get_current_time", "arguments": {"timezone": "UTC"}}
+            )
+            if "result" not in reply:
+                raise RuntimeError(f"{gateway.name} did not answer a tools/call: {reply}")
+            headers = dict(client.headers)
+            ids.append(headers.pop("Mcp-Session-Id"))
+    return headers, ids
 
 
 def _rounds(targets: dict[str, Callable[[], dict[str, Any]]], rounds: int) -> dict[str, list[dict[str, Any]]]:
@@ -137,7 +198,9 @@ def _rounds(targets: dict[str, Callable[[], dict[str, Any]]], rounds: int) -> di
             found[name].append(row)
             print(
                 f"round {r + 1} {name}: {row['calls_per_s']:,.0f} calls/s, {row['bad']} bad, "
-                f"own {row['own_cpu_ms']:.3f} ms, tree {row['tree_cpu_ms']:.3f} ms per call",
+                f"p50 {row['p50_ms']:.2f} ms; per call: gateway {row['own_cpu_ms']:.3f} ms, "
+                f"child {row['child_cpu_ms']:.3f} ms, wrk {row['wrk_cpu_ms']:.3f} ms; "
+                f"{row['busy_cpus']:.2f} CPUs busy",
                 flush=True,
             )
     return found
@@ -147,10 +210,14 @@ def _median(rows: list[dict[str, Any]], field: str) -> float:
     return float(statistics.median(row[field] for row in rows))
 
 
+def _ratios(rows: dict[str, list[dict[str, Any]]], a: str, b: str) -> list[float]:
+    """a's calls/s over b's in each round (same round: the machine's drift falls on both)."""
+    return [x["calls_per_s"] / max(1e-9, y["calls_per_s"]) for x, y in zip(rows[a], rows[b], strict=True)]
+
+
 def _ratio(rows: dict[str, list[dict[str, Any]]], a: str, b: str) -> float:
-    """The median over rounds of a's calls/s over b's (same round: the machine's drift falls on both)."""
-    ratios = [x["calls_per_s"] / max(1e-9, y["calls_per_s"]) for x, y in zip(rows[a], rows[b], strict=True)]
-    return float(statistics.median(ratios))
+    """The median over rounds of a's calls/s over b's."""
+    return float(statistics.median(_ratios(rows, a, b)))
 
 
 def _peers(processes: Processes, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -163,33 +230,55 @@ def _peers(processes: Processes, args: argparse.Namespace, tmp: Path) -> dict[st
         "mcp-proxy": processes.mcp_proxy(),
     }
     targets: dict[str, Callable[[], dict[str, Any]]] = {}
+    replies = {}
     for name, gateway in gateways.items():
-        headers = asyncio.run(_session(gateway))
-        targets[name] = functools.partial(_measure, gateway, gateway.url("mcp"), headers, "2025", args)
+        headers, ids = asyncio.run(_sessions(gateway, args.sessions))
+        target = Target(gateway, headers, "2025", args, ids)
+        replies[name] = target.check()
+        targets[name] = target
     rows = _rounds(targets, args.rounds)
     return {
+        "sessions": args.sessions,
+        "replies": replies,
         "rows": rows,
         "ours_vs_supergateway": _ratio(rows, "ours", "supergateway"),
         "ours_vs_mcp_proxy": _ratio(rows, "ours", "mcp-proxy"),
+        "ours_vs_supergateway_rounds": _ratios(rows, "ours", "supergateway"),
+        "ours_vs_mcp_proxy_rounds": _ratios(rows, "ours", "mcp-proxy"),
     }
 
 
-def _scale(processes: Processes, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+SCALE_ROWS = (  # label, servers-file entry (None: the stdio child), era
+    ("in-process, 2025 sessions", {"module": "bench.timetools:tools"}, "2025"),
+    ("in-process, 2026 stateless", {"module": "bench.timetools:tools"}, "2026"),
+    ("stdio child, 2026 stateless", None, "2026"),
+)
+
+
+def scale_rows(processes: Processes, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """WORKERS=1 against WORKERS=2 under wrk (also what `python -m bench scale` reports)."""
     redis, url = _start_redis(tmp)
     try:
         found: dict[str, Any] = {}
-        for backend, entry in (("in-process", {"module": "bench.timetools:tools"}), ("stdio child", None)):
+        for label, entry, era in SCALE_ROWS:
             targets: dict[str, Callable[[], dict[str, Any]]] = {}
             for workers in (1, 2):
-                name = f"{backend.replace(' ', '-')}-workers{workers}"
+                name = f"{label.replace(' ', '-').replace(',', '')}-workers{workers}"
                 settings = {**UNLIMITED, "REDIS_URL": url, "WORKERS": str(workers)}
                 gateway = _ours(processes, tmp, name, settings, backend=entry)
-                headers = {**gateway.headers, **MODERN}
-                targets[f"WORKERS={workers}"] = functools.partial(
-                    _measure, gateway, gateway.url("mcp"), headers, "2026", args
-                )
+                if era == "2025":
+                    headers, ids = asyncio.run(_sessions(gateway, args.sessions))
+                    target = Target(gateway, headers, era, args, ids)
+                else:
+                    target = Target(gateway, {**gateway.headers, **MODERN}, era, args)
+                target.check()
+                targets[f"WORKERS={workers}"] = target
             rows = _rounds(targets, args.rounds)
-            found[backend] = {"rows": rows, "two_vs_one": _ratio(rows, "WORKERS=2", "WORKERS=1")}
+            found[label] = {
+                "rows": rows,
+                "two_vs_one": _ratio(rows, "WORKERS=2", "WORKERS=1"),
+                "two_vs_one_rounds": _ratios(rows, "WORKERS=2", "WORKERS=1"),
+            }
             processes.stop_all()
         return found
     finally:
