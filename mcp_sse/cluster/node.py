@@ -103,6 +103,8 @@ class Node:
         self._tasks: set[asyncio.Task[None]] = set()
         self._redis_down = False
         self._addresses: dict[str, tuple[str, float]] = {}
+        # A session's owner never changes (it dies with it): known once, asked of Redis no more.
+        self._owners: dict[str, str] = {}
 
     # -- ownership -----------------------------------------------------------------------------
 
@@ -189,11 +191,16 @@ class Node:
         assert session_id is not None
         key = self._session_key(hashlib.sha256(session_id.encode()).hexdigest())
         try:
-            owner = _text(await self.redis.get(key))
-            if owner is None or owner == self.instance_id:
-                return None  # unknown, or ours and ended: 404
+            if (owner := self._owners.get(key)) is None:
+                owner = _text(await self.redis.get(key))
+                if owner is None or owner == self.instance_id:
+                    return None  # unknown, or ours and ended: 404
+                if len(self._owners) > 4096:  # sessions come and go: keep this bounded
+                    self._owners.clear()
+                self._owners[key] = owner
             address = await self._address_of(owner)
             if address is None:  # its owner is gone: so is the session
+                self._owners.pop(key, None)
                 await self.redis.delete(key)
                 return None
         except self._errors as exc:
@@ -243,6 +250,7 @@ class Node:
             # Nothing listens there: the owner died before its liveness key expired, and its sessions
             # with it. (Answered here: the body is read, so the transport could not answer it.)
             self._addresses.pop(owner, None)
+            self._owners.pop(key, None)
             self._background(self.redis.delete(key))
             raise http_error(web.HTTPNotFound, UNKNOWN_SESSION) from None
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -125,6 +125,33 @@ async def test_a_session_made_on_a_is_served_through_b(pair: Pair, http: aiohttp
             assert response.status == 404
 
 
+async def test_a_relayed_call_does_not_ask_redis_for_the_owner_each_time(
+    pair: Pair, http: aiohttp.ClientSession
+) -> None:
+    # A session's owner never changes, so B asks Redis for it once, not once per relayed call.
+    session_id = await initialize(http, pair.a.url, pair.alice)
+    headers = session_headers(pair.alice, session_id)
+    redis = pair.node(pair.b).redis
+
+    async def counts() -> tuple[int, int]:
+        # commandstats counts the commands scripts run too: each call's charge (one EVALSHA) reads
+        # its address's lockout with one GET, so GETs beyond the scripts' are the hop's own.
+        stats = await redis.info("commandstats")
+        get, evalsha = (int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("get", "evalsha"))
+        return get, evalsha
+
+    async with http.post(f"{pair.b.url}/mcp", json=call(2, "first"), headers=headers) as response:
+        assert response.status == 200
+    gets, scripts = await counts()
+    for n in range(20):
+        async with http.post(f"{pair.b.url}/mcp", json=call(10 + n, f"{n}"), headers=headers) as response:
+            assert (await response.json())["result"]["content"][0]["text"] == f"{n}"
+    more_gets, more_scripts = await counts()
+    assert more_scripts - scripts == 20  # B's pipeline: one round trip per call
+    # At most the owner's address again (remembered for ADDRESS_CACHE_SECONDS): never one per call.
+    assert (more_gets - gets) - (more_scripts - scripts) <= 5
+
+
 async def test_the_get_stream_and_last_event_id_through_b(pair: Pair, http: aiohttp.ClientSession) -> None:
     session_id = await initialize(http, pair.a.url, pair.alice)
     session = pair.a.app[SESSIONS].get(session_id)
