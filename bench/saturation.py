@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import os
 import resource
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,7 +45,7 @@ from typing import Any
 import aiohttp
 
 from .clients import RawStreamable
-from .procs import CHILD, HERE, Gateway, Processes, _descendants, cpu_seconds, missing_peers
+from .procs import CHILD, HERE, Gateway, Processes, _descendants, busy_cpus, cpu_seconds, missing_peers
 from .scale import _ours, _start_redis
 
 RESULTS = HERE / "results"
@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
     parser.add_argument("--sessions", type=int, default=4, help="2025 sessions per target (4)")
+    parser.add_argument(
+        "--quiet-wait", type=int, default=120, help="seconds to wait for a quiet machine before a run (120)"
+    )
     parser.add_argument("--label", default="saturation", help="results file name (saturation)")
     return parser
 
@@ -105,10 +108,12 @@ def _wrk(
     args: argparse.Namespace,
     sessions: list[str],
     check: bool = False,
+    seconds: int | None = None,
 ) -> dict[str, Any]:
-    """One wrk run; `check`: one connection for one second, printing the first reply body."""
-    threads, connections, seconds = (1, 1, 1) if check else (args.threads, args.connections, args.seconds)
-    command = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--latency"]
+    """One wrk run; `check`: one connection for three seconds, printing the first reply body."""
+    threads, connections = (1, 1) if check else (args.threads, args.connections)
+    seconds = 3 if check else seconds or args.seconds
+    command = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "10s"]
     command += ["-s", str(LUA)]
     for name, value in {**headers, "Content-Type": "application/json"}.items():
         command += ["-H", f"{name}: {value}"]
@@ -120,6 +125,15 @@ def _wrk(
     result: dict[str, Any] = json.loads(lines[-1])
     result["replies"] = [line[6:] for line in done.stdout.splitlines() if line.startswith("REPLY ")]
     return result
+
+
+def _wait_quiet(limit: float) -> None:
+    """Wait up to `limit` seconds for the machine to be quiet (under 0.3 CPUs busy over a second):
+    other users' work on these cores would be measured as ours. Each row says how much remained."""
+    deadline = time.monotonic() + limit
+    while (busy := busy_cpus(1.0)) > 0.3 and time.monotonic() < deadline:
+        print(f"  waiting: {busy:.2f} CPUs busy with other work", flush=True)
+        time.sleep(4)
 
 
 class Target:
@@ -135,26 +149,36 @@ class Target:
     ) -> None:
         self.gateway, self.headers, self.era, self.args = gateway, headers, era, args
         self.url, self.sessions = gateway.url("mcp"), sessions or []
+        self.redis_pid: int | None = None  # the scale rows' redis-server: its CPU is the target's too
 
     def check(self) -> str:
-        """One second of wrk on one connection: every reply must carry a result."""
+        """Three seconds of wrk on one connection: every reply must carry a result. Then a warm-up
+        at full load (every worker starts its child, if it has one), not counted."""
         found = _wrk(self.url, self.headers, self.era, self.args, self.sessions, check=True)
+        _wrk(self.url, self.headers, self.era, self.args, self.sessions, seconds=2)
         reply = found["replies"][0] if found["replies"] else "(none)"
-        print(f"{self.gateway.name}: wrk check {found['ok']} ok, {found['bad']} bad; one reply: {reply[:400]}")
+        name = self.gateway.name
+        print(f"{name}: wrk check {found['ok']} ok, {found['bad']} bad; one reply: {reply[:400]}")
         if found["ok"] == 0 or found["bad"]:
             raise RuntimeError(f"{self.gateway.name} does not answer wrk's tools/call correctly: {reply}")
         return reply
 
     def __call__(self) -> dict[str, Any]:
         pid = self.gateway.pid
+        _wait_quiet(self.args.quiet_wait)
         own0, tree0 = _tree(pid)
+        redis0 = cpu_seconds(self.redis_pid) if self.redis_pid else 0.0
         busy0, total0 = _machine()
         wrk0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.monotonic()
         found = _wrk(self.url, self.headers, self.era, self.args, self.sessions)
+        wall = time.monotonic() - start
         wrk1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         busy1, total1 = _machine()
         own1, tree1 = _tree(pid)
+        redis1 = cpu_seconds(self.redis_pid) if self.redis_pid else 0.0
         ok = max(1, found["ok"])
+        busy = (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
         wrk_cpu = (wrk1.ru_utime + wrk1.ru_stime) - (wrk0.ru_utime + wrk0.ru_stime)
         return {
             "calls_per_s": found["ok"] / found["seconds"],
@@ -168,7 +192,9 @@ class Target:
             "tree_cpu_ms": (tree1 - tree0) * 1000 / ok,
             "child_cpu_ms": ((tree1 - tree0) - (own1 - own0)) * 1000 / ok,
             "wrk_cpu_ms": wrk_cpu * 1000 / ok,
-            "busy_cpus": (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1),
+            "redis_cpu_ms": (redis1 - redis0) * 1000 / ok if self.redis_pid else None,
+            "busy_cpus": busy,
+            "other_cpus": max(0.0, busy - ((tree1 - tree0) + (redis1 - redis0) + wrk_cpu) / wall),
         }
 
 
@@ -200,7 +226,7 @@ def _rounds(targets: dict[str, Callable[[], dict[str, Any]]], rounds: int) -> di
                 f"round {r + 1} {name}: {row['calls_per_s']:,.0f} calls/s, {row['bad']} bad, "
                 f"p50 {row['p50_ms']:.2f} ms; per call: gateway {row['own_cpu_ms']:.3f} ms, "
                 f"child {row['child_cpu_ms']:.3f} ms, wrk {row['wrk_cpu_ms']:.3f} ms; "
-                f"{row['busy_cpus']:.2f} CPUs busy",
+                f"{row['busy_cpus']:.2f} CPUs busy, {row['other_cpus']:.2f} of them other work",
                 flush=True,
             )
     return found
@@ -271,6 +297,7 @@ def scale_rows(processes: Processes, args: argparse.Namespace, tmp: Path) -> dic
                     target = Target(gateway, headers, era, args, ids)
                 else:
                     target = Target(gateway, {**gateway.headers, **MODERN}, era, args)
+                target.redis_pid = redis.pid
                 target.check()
                 targets[f"WORKERS={workers}"] = target
             rows = _rounds(targets, args.rounds)
@@ -286,58 +313,91 @@ def scale_rows(processes: Processes, args: argparse.Namespace, tmp: Path) -> dic
         redis.wait()
 
 
+HEADER = (
+    "| target | correct calls/s | bad answers | p50 / p99 ms | gateway CPU per call ms | "
+    "child CPU per call ms | Redis CPU per call ms | wrk CPU per call ms | CPUs busy (of {cpus}) | "
+    "of them other work |\n"
+    "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+)
+
+
+def rows_table(label: str, found: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One table line per target: medians over rounds (bad answers: summed)."""
+    out = []
+    for name, runs in found.items():
+        bad = sum(r["bad"] + r["socket_errors"] for r in runs)
+        redis = f"{_median(runs, 'redis_cpu_ms'):.3f}" if runs[0].get("redis_cpu_ms") is not None else "—"
+        out.append(
+            f"| {label}{name} | {_median(runs, 'calls_per_s'):,.0f} | {bad} | "
+            f"{_median(runs, 'p50_ms'):.2f} / {_median(runs, 'p99_ms'):.2f} | "
+            f"{_median(runs, 'own_cpu_ms'):.3f} | {_median(runs, 'child_cpu_ms'):.3f} | {redis} | "
+            f"{_median(runs, 'wrk_cpu_ms'):.3f} | {_median(runs, 'busy_cpus'):.2f} | "
+            f"{_median(runs, 'other_cpus'):.2f} |"
+        )
+    return out
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x ({min(values):.2f} to {max(values):.2f})"
+
+
+def scale_table(found: dict[str, Any]) -> list[str]:
+    out = [HEADER.format(cpus=os.cpu_count())]
+    for label, block in found.items():
+        out += rows_table(f"{label}, ", block["rows"])
+    out += ["", "| WORKERS=2 ÷ WORKERS=1 (median of per-round ratios, range) | |", "|---|--:|"]
+    out += [f"| {label} | **{_spread(block['two_vs_one_rounds'])}** |" for label, block in found.items()]
+    return out
+
+
 def _table(data: dict[str, Any]) -> str:
+    a = data["args"]
     out = [
         f"Run {data['date']}, `python -m bench saturation {' '.join(data['argv'])}`; wrk "
-        f"{data['wrk']}, {data['args']['connections']} connections on {data['args']['threads']} threads, "
-        f"{data['args']['seconds']:g} s per target per round, {data['args']['rounds']} interleaved rounds, "
-        f"medians. Load average before/after: {data['load_before']} / {data['load_after']}.",
+        f"{data['wrk']}, {a['connections']} connections on {a['threads']} threads, "
+        f"{a['seconds']:g} s per target per round, {a['rounds']} interleaved rounds, medians; "
+        f"{a['sessions']} sessions per 2025 target. Load average (1 min) before/after: "
+        f"{data['load_before']} / {data['load_after']}.",
         "",
     ]
-    out += [
-        "| target | correct calls/s | bad answers | p50 / p99 ms | gateway CPU per call ms | "
-        "tree CPU per call ms (with children) |",
-        "|---|--:|--:|--:|--:|--:|",
-    ]
-
-    def rows(label: str, found: dict[str, list[dict[str, Any]]]) -> None:
-        for name, runs in found.items():
-            out.append(
-                f"| {label}{name} | {_median(runs, 'calls_per_s'):,.0f} | {sum(r['bad'] for r in runs)} | "
-                f"{_median(runs, 'p50_ms'):.2f} / {_median(runs, 'p99_ms'):.2f} | "
-                f"{_median(runs, 'own_cpu_ms'):.3f} | {_median(runs, 'tree_cpu_ms'):.3f} |"
-            )
-
-    ratios = []
     if "peers" in data:
-        rows("2025 session, one child: ", data["peers"]["rows"])
-        ratios.append(
-            f"ours ÷ supergateway **{data['peers']['ours_vs_supergateway']:.2f}x**, "
-            f"ours ÷ mcp-proxy **{data['peers']['ours_vs_mcp_proxy']:.2f}x**"
-        )
-    for backend, found in data.get("scale", {}).items():
-        rows(f"2026 stateless, {backend}, ", found["rows"])
-        ratios.append(f"{backend}: WORKERS=2 ÷ WORKERS=1 **{found['two_vs_one']:.2f}x**")
-    out += ["", "Ratios (median of per-round ratios): " + "; ".join(ratios) + "."]
+        peers = data["peers"]
+        out += [HEADER.format(cpus=os.cpu_count())]
+        out += rows_table(f"{peers['sessions']} 2025 sessions: ", peers["rows"])
+        out += [
+            "",
+            "| ratio (median of per-round ratios, range) | |",
+            "|---|--:|",
+            f"| ours ÷ supergateway | **{_spread(peers['ours_vs_supergateway_rounds'])}** |",
+            f"| ours ÷ mcp-proxy | **{_spread(peers['ours_vs_mcp_proxy_rounds'])}** |",
+            "",
+        ]
+    if "scale" in data:
+        out += scale_table(data["scale"])
     return "\n".join(out) + "\n"
 
 
-def _load() -> str:
+def load_average() -> str:
+    """The 1-minute load average."""
     return Path("/proc/loadavg").read_text().split()[0]
+
+
+def wrk_version() -> str:
+    version = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
+    return (version.stdout or version.stderr).split()[1]
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if shutil.which("wrk") is None:
-        print("the saturation rows need wrk (apt-get install wrk)")
+        print("python -m bench saturation needs wrk: apt-get install wrk", file=sys.stderr)
         return 2
-    version = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
     data: dict[str, Any] = {
         "argv": argv,
         "args": vars(args),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "wrk": (version.stdout or version.stderr).split()[1],
-        "load_before": _load(),
+        "wrk": wrk_version(),
+        "load_before": load_average(),
     }
     only = set(args.only.split(","))
     with tempfile.TemporaryDirectory(prefix="mcp-sse-saturation-") as tmp:
@@ -347,10 +407,10 @@ def main(argv: list[str]) -> int:
                 data["peers"] = _peers(processes, args, Path(tmp))
                 processes.stop_all()
             if "scale" in only:
-                data["scale"] = _scale(processes, args, Path(tmp))
+                data["scale"] = scale_rows(processes, args, Path(tmp))
         finally:
             processes.stop_all()
-    data["load_after"] = _load()
+    data["load_after"] = load_average()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.label}.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     table = _table(data)

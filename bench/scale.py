@@ -1,10 +1,13 @@
-"""python -m bench scale: the latency the hop adds to a 2025-era session when its request lands on
-an instance that does not own it. (Throughput at saturation with WORKERS=1 and 2 is `python -m
-bench saturation`'s scale rows, under wrk.)
+"""python -m bench scale: throughput at saturation with WORKERS=1 against WORKERS=2, and the latency
+the hop adds to a 2025-era session when its request lands on an instance that does not own it.
 
-One session on instance A, serial raw calls sent to A directly and to B (which relays them to A),
-interleaved for `--rounds` rounds; the added p50 is the median over rounds of p50(via B) -
-p50(direct).
+Throughput: wrk (C, bench/saturation.lua) drives ours with WORKERS=1 and 2, both with REDIS_URL,
+on the in-process twin of the child's tool (2025 sessions and 2026 stateless) and on the stdio
+child; the same driver and rows as `python -m bench saturation --only scale`.
+
+The hop: one session on instance A, serial raw calls sent to A directly and to B (which relays
+them to A), interleaved for `--rounds` rounds; the added p50 is the median over rounds of
+p50(via B) - p50(direct).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +36,16 @@ RESULTS = HERE / "results"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench scale", description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds for the hop (5)")
-    parser.add_argument("--calls", type=int, default=300, help="serial calls per target per round (300)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds, hop and wrk (5)")
+    parser.add_argument("--calls", type=int, default=300, help="serial hop calls per target per round (300)")
+    parser.add_argument("--only", default="throughput,hop", help="throughput, hop or both (default)")
+    parser.add_argument("--seconds", type=int, default=8, help="wrk's window per target per round (8)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
+    parser.add_argument("--sessions", type=int, default=4, help="2025 sessions for the wrk rows (4)")
+    parser.add_argument(
+        "--quiet-wait", type=int, default=120, help="seconds to wait for a quiet machine before a run (120)"
+    )
     return parser
 
 
@@ -76,7 +88,7 @@ def _ours(
     return gateway
 
 
-async def _hop(a: Gateway, b: Gateway, token: str, args: argparse.Namespace) -> dict[str, float]:
+async def _hop(a: Gateway, b: Gateway, token: str, args: argparse.Namespace) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession() as http_a, aiohttp.ClientSession() as http_b:
         direct = await RawStreamable(http_a, f"http://{HOST}:{a.port}/mcp", headers).open()
@@ -100,33 +112,76 @@ async def _hop(a: Gateway, b: Gateway, token: str, args: argparse.Namespace) -> 
     }
 
 
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+def _hop_run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     token, secret = Fernet.generate_key().decode(), Fernet.generate_key().decode()
-    data: dict[str, Any] = {"args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    processes = Processes(tmp)
+    redis, url = _start_redis(tmp)
+    try:
+        shared = {"REDIS_URL": url, "AUTH_TOKEN": token, "SESSION_SECRET": secret}
+        a = _ours(processes, tmp, "a", shared)
+        b = _ours(processes, tmp, "b", shared)
+        return asyncio.run(_hop(a, b, token, args))
+    finally:
+        processes.stop_all()
+        redis.kill()
+        redis.wait()
+
+
+def main(argv: list[str]) -> int:
+    from .saturation import load_average, scale_rows, scale_table, wrk_version
+
+    args = _parser().parse_args(argv)
+    only = set(args.only.split(","))
+    if "throughput" in only and shutil.which("wrk") is None:
+        print("python -m bench scale needs wrk for its throughput rows: apt-get install wrk", file=sys.stderr)
+        return 2
+    data: dict[str, Any] = {
+        "argv": argv,
+        "args": vars(args),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "load_before": load_average(),
+    }
     with tempfile.TemporaryDirectory(prefix="mcp-sse-scale-") as tmp:
-        processes = Processes(Path(tmp))
-        redis, url = _start_redis(Path(tmp))
-        try:
-            shared = {"REDIS_URL": url, "AUTH_TOKEN": token, "SESSION_SECRET": secret}
-            a = _ours(processes, Path(tmp), "a", shared)
-            b = _ours(processes, Path(tmp), "b", shared)
-            data["hop"] = asyncio.run(_hop(a, b, token, args))
+        if "throughput" in only:
+            data["wrk"] = wrk_version()
+            processes = Processes(Path(tmp))
+            try:
+                data["throughput"] = scale_rows(processes, args, Path(tmp))
+            finally:
+                processes.stop_all()
+        if "hop" in only:
+            data["hop"] = _hop_run(args, Path(tmp))
             print(f"hop: {data['hop']}", flush=True)
-        finally:
-            processes.stop_all()
-            redis.kill()
-            redis.wait()
+    data["load_after"] = load_average()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    table = (
-        "| measure | value |\n|---|--:|\n"
-        f"| 2025 session, p50 direct to its owner (ms) | {data['hop']['direct_p50_ms']:.2f} |\n"
-        f"| 2025 session, p50 through another instance (ms) | {data['hop']['relayed_p50_ms']:.2f} |\n"
-        f"| added by the hop, p50 (ms) | {data['hop']['added_p50_ms']:.2f} |\n"
-        "\nThe direct and relayed rows are medians of each round's p50; the added row is the median of\n"
-        "each round's difference (the rounds interleave, so drift of the machine falls on both).\n"
-    )
+    out = [
+        f"Run {data['date']}, `python -m bench scale {' '.join(argv)}`; load average (1 min) "
+        f"before/after: {data['load_before']} / {data['load_after']}.",
+        "",
+    ]
+    if "throughput" in data:
+        out += [
+            f"Throughput at saturation: wrk {data['wrk']}, {args.connections} connections on "
+            f"{args.threads} threads, {args.seconds} s per target per round, {args.rounds} "
+            f"interleaved rounds, medians; {args.sessions} sessions for the 2025 rows.",
+            "",
+            *scale_table(data["throughput"]),
+            "",
+        ]
+    if "hop" in data:
+        hop = data["hop"]
+        out += [
+            "| measure | value |",
+            "|---|--:|",
+            f"| 2025 session, p50 direct to its owner (ms) | {hop['direct_p50_ms']:.2f} |",
+            f"| 2025 session, p50 through another instance (ms) | {hop['relayed_p50_ms']:.2f} |",
+            f"| added by the hop, p50 (ms) | {hop['added_p50_ms']:.2f} |",
+            "",
+            "The direct and relayed rows are medians of each round's p50; the added row is the median of",
+            "each round's difference (the rounds interleave, so drift of the machine falls on both).",
+        ]
+    table = "\n".join(out) + "\n"
     (RESULTS / "scale.md").write_text(table)
     print(table)
     return 0
