@@ -387,18 +387,30 @@ def wrk_version() -> str:
     return (version.stdout or version.stderr).split()[1]
 
 
+def run_record(argv: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """What every results file starts with: the command, its options, when, and the load before."""
+    return {
+        "argv": argv,
+        "args": vars(args),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "load_before": load_average(),
+    }
+
+
+def save(label: str, data: dict[str, Any], table: str) -> None:
+    """bench/results/<label>.{json,md}, and the table on stdout."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{label}.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    (RESULTS / f"{label}.md").write_text(table)
+    print(table)
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if shutil.which("wrk") is None:
         print("python -m bench saturation needs wrk: apt-get install wrk", file=sys.stderr)
         return 2
-    data: dict[str, Any] = {
-        "argv": argv,
-        "args": vars(args),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "wrk": wrk_version(),
-        "load_before": load_average(),
-    }
+    data = {**run_record(argv, args), "wrk": wrk_version()}
     only = set(args.only.split(","))
     with tempfile.TemporaryDirectory(prefix="mcp-sse-saturation-") as tmp:
         processes = Processes(Path(tmp))
@@ -411,9 +423,5 @@ def main(argv: list[str]) -> int:
         finally:
             processes.stop_all()
     data["load_after"] = load_average()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.label}.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    table = _table(data)
-    (RESULTS / f"{args.label}.md").write_text(table)
-    print(table)
+    save(args.label, data, _table(data))
     return 0

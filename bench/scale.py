@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import statistics
 import subprocess
@@ -29,9 +28,7 @@ from cryptography.fernet import Fernet
 
 from .clients import RawStreamable, timed_calls
 from .phases import percentile
-from .procs import HERE, HOST, Gateway, Processes, free_port
-
-RESULTS = HERE / "results"
+from .procs import HOST, Gateway, Processes, free_port
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,19 +125,14 @@ def _hop_run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    from .saturation import load_average, scale_rows, scale_table, wrk_version
+    from .saturation import load_average, run_record, save, scale_rows, scale_table, wrk_version
 
     args = _parser().parse_args(argv)
     only = set(args.only.split(","))
     if "throughput" in only and shutil.which("wrk") is None:
         print("python -m bench scale needs wrk for its throughput rows: apt-get install wrk", file=sys.stderr)
         return 2
-    data: dict[str, Any] = {
-        "argv": argv,
-        "args": vars(args),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "load_before": load_average(),
-    }
+    data = run_record(argv, args)
     with tempfile.TemporaryDirectory(prefix="mcp-sse-scale-") as tmp:
         if "throughput" in only:
             data["wrk"] = wrk_version()
@@ -153,8 +145,6 @@ def main(argv: list[str]) -> int:
             data["hop"] = _hop_run(args, Path(tmp))
             print(f"hop: {data['hop']}", flush=True)
     data["load_after"] = load_average()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     out = [
         f"Run {data['date']}, `python -m bench scale {' '.join(argv)}`; load average (1 min) "
         f"before/after: {data['load_before']} / {data['load_after']}.",
@@ -181,7 +171,5 @@ def main(argv: list[str]) -> int:
             "The direct and relayed rows are medians of each round's p50; the added row is the median of",
             "each round's difference (the rounds interleave, so drift of the machine falls on both).",
         ]
-    table = "\n".join(out) + "\n"
-    (RESULTS / "scale.md").write_text(table)
-    print(table)
+    save("scale", data, "\n".join(out) + "\n")
     return 0
