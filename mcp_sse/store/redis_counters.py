@@ -124,34 +124,21 @@ return 0
 """
 )
 
-# FailureLockout.locked: KEYS[1] until (ms); returns the milliseconds left, 0 when not locked.
-_LOCKED: Final = (
-    _NOW
-    + """
+# FailureLockout.locked on KEYS[1], the address's lockout until (ms): `left`, the milliseconds it
+# still holds (0 when not locked; an ended one is deleted).
+_LEFT: Final = """
+local left = 0
 local ends = tonumber(redis.call('GET', KEYS[1]))
-if ends == nil then return 0 end
-if ends <= now then
-  redis.call('DEL', KEYS[1])
-  return 0
+if ends ~= nil then
+  if ends > now then left = ends - now else redis.call('DEL', KEYS[1]) end
 end
-return ends - now
 """
-)
+_LOCKED: Final = _NOW + _LEFT + "return left\n"
 
 # Counters.charge: KEYS[1] the address's lockout until (ms), KEYS[2] the key's bucket; ARGV as _HIT's.
 # {-1, ms left} while locked (nothing charged), else _HIT's answer. (Two keys in two hash slots: one
 # Redis, not a Redis Cluster, as REDIS_URL is.)
-_CHARGE: Final = (
-    _NOW
-    + """
-local ends = tonumber(redis.call('GET', KEYS[1]))
-if ends ~= nil then
-  if ends > now then return {-1, ends - now} end
-  redis.call('DEL', KEYS[1])
-end
-"""
-    + _HIT_BUCKET
-)
+_CHARGE: Final = _NOW + _LEFT + "if left > 0 then return {-1, left} end\n" + _HIT_BUCKET
 
 # Streams: KEYS[1] a sorted set of stream ids scored by when they stop counting unless refreshed.
 # ARGV now, limit, ttl (ms), id. Returns 1 when opened.
