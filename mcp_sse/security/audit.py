@@ -525,16 +525,14 @@ class AuditLog:
             if value is None and line.get(key) is not None:
                 continue  # identity=None from a caller does not erase what the request knows
             name_in_line, secret = _line_name(key)
-            kind = type(value)  # exact types first: most fields are, and need no more than this
-            line[name_in_line] = (
-                REDACTED
-                if secret
-                else _text(value)
-                if kind is str
-                else value
-                if kind is int or value is None
-                else self._payload(value)
-            )
+            kind = type(value)  # exact str and int first: most fields are, and need no more
+            if secret:
+                value = REDACTED
+            elif kind is str:
+                value = _text(value)
+            elif kind is not int and value is not None:
+                value = self._payload(value)
+            line[name_in_line] = value
         if extra is None:
             line["msg"] = _phrase(name)
         else:
