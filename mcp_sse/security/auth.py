@@ -289,10 +289,9 @@ def authentication(
                 limiter,
                 budget,
                 limit,
-                None
-                if shared is None
-                else charged
-                if charged is not None
+                # Made with the lockout check (a key's), or made here; None: the memory limiter's.
+                charged
+                if charged is not None or shared is None
                 else await shared.hit(key_budget(budget), limit=limit),
             )
         except web.HTTPTooManyRequests:
