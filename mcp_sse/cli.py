@@ -33,7 +33,7 @@ from .ops.connections import BACKLOG, AppRunner, fit_open_file_limit, quiet_acce
 from .security.check import Finding, audit_settings
 from .security.ipfilter import allows_any, connection_gate
 from .security.keys import KeysFileError, generate_key
-from .settings import Secret, Settings, SettingsError, is_loopback
+from .settings import Secret, Settings, SettingsError, attach_option_values, is_loopback
 from .state import AUDIT, BACKENDS
 from .upstream.backend import Backend, StdioBackend
 from .upstream.breaker import unwrap
@@ -127,7 +127,9 @@ def load_settings(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser(argv)
-    args = parser.parse_intermixed_args(argv)  # `selftest --token T URL` as well as `selftest URL --token T`
+    args = parser.parse_intermixed_args(
+        attach_option_values(parser, argv, "--token")
+    )  # `selftest --token T URL` as well as `selftest URL --token T`
     if args.url is not None and args.command != "selftest":
         parser.error(f"unexpected argument {args.url!r}: only selftest takes a URL")
     if args.command == "selftest":  # a client of some deployment: this machine's settings play no part

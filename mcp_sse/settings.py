@@ -7,12 +7,13 @@ they cannot reach a log by accident.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import ipaddress
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
@@ -25,6 +26,7 @@ __all__ = [
     "Secret",
     "Settings",
     "SettingsError",
+    "attach_option_values",
     "is_loopback",
     "read_env_file",
 ]
@@ -59,6 +61,21 @@ class Secret:
 
     def __bool__(self) -> bool:
         return bool(self._value)
+
+
+def attach_option_values(parser: argparse.ArgumentParser, argv: Sequence[str], *options: str) -> list[str]:
+    """`--token -Xy…` as `--token=-Xy…`: argparse refuses a value that starts with "-", and a random
+    token does one time in 64. A lone "-" (read stdin) is attached too; another option is not."""
+    known = parser._option_string_actions  # argparse has no public list of its options
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        value = next(args, None) if arg in options else None
+        if value is None or value.partition("=")[0] in known:
+            out.extend(a for a in (arg, value) if a is not None)
+        else:
+            out.append(f"{arg}={value}")
+    return out
 
 
 def read_env_file(path: str | Path) -> dict[str, str]:

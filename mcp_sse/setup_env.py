@@ -33,7 +33,15 @@ from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
 
-from .settings import DEFAULT_PORT, GATEWAY_SECRETS, SettingsError, _public_url, is_loopback, read_env_file
+from .settings import (
+    DEFAULT_PORT,
+    GATEWAY_SECRETS,
+    SettingsError,
+    _public_url,
+    attach_option_values,
+    is_loopback,
+    read_env_file,
+)
 from .upstream.config import ServerSpec, launch_problem, resolve_command
 
 __all__ = ["Invalid", "detect_addresses", "format_env", "main", "mask", "write_private"]
@@ -890,7 +898,8 @@ def rotate_token(path: Path, values: dict[str, str], token: str | None, *, show:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(attach_option_values(parser, sys.argv[1:] if argv is None else argv, "--token"))
     environ = os.environ
     path: Path = args.output
     show_token = args.show_token or sys.stdout.isatty()

@@ -615,10 +615,13 @@ def test_detect_addresses_is_local_only(monkeypatch: pytest.MonkeyPatch) -> None
 
 SPECIAL = 'Zq8$"kR#;vL2!mW&nB4(hY)pT7<gS>aE1`x'  # $, quotes, backtick: single-quoted in the file
 QUOTED = "Zq8\"kR#;vL2!mW&nB4'hY\\pT7<gS>aE1x"  # quotes and a backslash: double-quoted, escaped
+DASHED = "-Zq8kR4vL2mWnB4hYpT7gSaE1x9Qw3Rt6Uy"  # as token_urlsafe makes one time in 64: not an option
 
 
 @pytest.mark.parametrize(
-    "given", [None, STRONG, SPECIAL, QUOTED], ids=["generated", "plain", "dollar", "quotes"]
+    "given",
+    [None, STRONG, SPECIAL, QUOTED, DASHED],
+    ids=["generated", "plain", "dollar", "quotes", "leading-dash"],
 )
 def test_non_interactive_output_holds_no_token(tmp_path: Path, given: str | None) -> None:
     env_path = tmp_path / "ci.env"

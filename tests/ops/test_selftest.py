@@ -453,6 +453,14 @@ async def test_usage_errors_and_the_token_from_stdin(clean_env: dict[str, str], 
         assert refused.code == 2 and refused.stdout == "" and "URL" in refused.stderr, refused.stderr
     typo = await run_selftest(url, "--tokn", token, env=clean_env, secret=token)
     assert typo.code == 2 and "unrecognized" in typo.stderr
+    # A key that starts with "-" (token_urlsafe makes one in 64) is the token's value, not an option;
+    # another option right after --token is still that option, and the token still missing.
+    dashed = "-" + token[1:]
+    taken = await run_selftest(url, "--token", dashed, "--json", env=clean_env, secret=dashed)
+    assert taken.code == 1 and taken.statuses() == {"TLS": "SKIP", "connect": "FAIL"}, taken.stderr
+    for option in ("--json", "--timeout=1"):
+        unset = await run_selftest(url, "--token", option, env=clean_env, secret=None)
+        assert unset.code == 2 and "--token: expected one argument" in unset.stderr
     piped = await run_selftest(
         url, "--token", "-", "--json", env=clean_env, secret=token, stdin=f"{token}\n".encode()
     )
