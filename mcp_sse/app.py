@@ -586,6 +586,7 @@ class _OAuthWiring:
                 redirect_uri_patterns=settings.oauth_redirect_uris or DEFAULT_REDIRECT_URIS,
             )
             principals.approver = self.server.tokens.approver
+            principals.grant_live = self.server.tokens.grant_live
             issuers.append(self.server.issuer)
             # The sign-in and consent forms post to themselves from the gateway's own origin.
             self.page_origins = {AUTHORIZE_PATH: [public], LOGIN_PATH: [public]}
@@ -672,6 +673,14 @@ async def _reaper(app: web.Application) -> AsyncIterator[None]:
             if gone and (ended := end_identities(app, gone)):
                 app[AUDIT].event(
                     "session.expired", None, key_ids=", ".join(sorted(gone)), sessions_closed=ended
+                )
+            # A grant revoked here or on another instance (console, RFC 7009, a replayed code or
+            # refresh token): its tokens were refused at once; the streams they opened end now.
+            open_identities = {s.identity for s in app[SESSIONS].all() if s.identity}
+            ungranted = await app[PRINCIPALS].ungranted(open_identities)
+            if ungranted and (ended := end_identities(app, ungranted)):
+                app[AUDIT].event(
+                    "session.revoked", None, identities=", ".join(sorted(ungranted)), sessions_closed=ended
                 )
             if (logins := app[LOGINS]) is not None:
                 logins.prune()

@@ -268,6 +268,16 @@ async def next_event(response: Any, timeout: float = 10.0) -> Event:
                 event.id = value
 
 
+async def until_eof(response: Any, timeout: float = 60.0) -> None:
+    """Read an SSE stream until it ends (keep-alives and events included); fail if it has not in `timeout`."""
+    import asyncio
+
+    async with asyncio.timeout(timeout):
+        with pytest.raises(EOFError):
+            while True:
+                await next_event(response, timeout)
+
+
 async def next_message_with_id(response: Any, timeout: float = 10.0) -> tuple[str | None, Any]:
     """The next JSON-RPC message on an SSE stream and its event id, skipping keep-alives and
     priming events."""

@@ -149,7 +149,9 @@ class ResourceGate:
                 scopes=result.scopes,
                 client_id=result.client_id,
             )
-            self.principals.remember(principal, key_id=key.id, key_fp=key_fingerprint(key))
+            self.principals.remember(
+                principal, key_id=key.id, key_fp=key_fingerprint(key), grant_id=result.grant_id
+            )
             return Authenticated(principal, budget=key.id)
         if self.verifier is None:
             raise TokenError("invalid_token", "Invalid token")

@@ -221,6 +221,10 @@ class OwnTokens:
         key = self.keys.current(key_id)
         return key if key is not None and hmac.compare_digest(key_fingerprint(key), key_fp) else None
 
+    async def grant_live(self, grant_id: str) -> bool:
+        """Whether a grant is still in force (not revoked on any instance, not expired)."""
+        return await self.store.get_grant(grant_id, self.clock()) is not None
+
     def mint(self, *, grant: GrantRecord, key: ApiKey, client_id: str, scope: str, now: float) -> str:
         return self.signing_key.sign(
             {

@@ -92,6 +92,7 @@ SECURITY_EVENTS: Final = frozenset(
         "session.login",
         "session.logout",
         "session.expired",  # sessions closed because their key was removed (revoked)
+        "session.revoked",  # sessions closed because the OAuth grant of their token was revoked
         "oauth.register",
         "oauth.revoke",
         "oauth.code_reuse",

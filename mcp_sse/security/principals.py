@@ -5,7 +5,8 @@ resolves to the principal the last access token of that identity made, while tha
 the authenticator remembers it on every request. A principal of one of our own tokens also
 needs its approving key still in force with the secret it approved with: a revoked, expired or
 re-issued key ends its sessions at the next reaper pass, and its tokens at once (they are
-verified on every request).
+verified on every request). So does a revoked grant (`ungranted`): its tokens are refused at
+once, and the streams they opened end at the reaper's next pass on every instance.
 
 OAuth identities are per (issuer, subject, client, role): two clients of one person, or two
 tokens of one subject with different scopes, never share a session or each other's role.
@@ -17,7 +18,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -57,6 +58,7 @@ class _Entry:
     principal: Principal
     key_id: str | None  # our own tokens: the approving key, and the fingerprint it approved with
     key_fp: str | None
+    grant_id: str | None  # our own tokens: the grant the last one was minted under
 
 
 class Principals:
@@ -67,17 +69,26 @@ class Principals:
         keys: KeyStore,
         *,
         approver: Callable[[str, str], ApiKey | None] | None = None,
+        grant_live: Callable[[str], Awaitable[bool]] | None = None,
         max_entries: int = MAX_PRINCIPALS,
     ) -> None:
         self.keys = keys
         self.approver = approver
+        self.grant_live = grant_live
         self.max_entries = max_entries
         self._entries: dict[str, _Entry] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def remember(self, principal: Principal, *, key_id: str | None = None, key_fp: str | None = None) -> None:
+    def remember(
+        self,
+        principal: Principal,
+        *,
+        key_id: str | None = None,
+        key_fp: str | None = None,
+        grant_id: str | None = None,
+    ) -> None:
         """Called by the authenticator for every request an access token authenticated."""
         if principal.source != "oauth":
             raise ValueError("only OAuth principals are remembered; keys resolve through the KeyStore")
@@ -89,7 +100,7 @@ class Principals:
                 # The one that runs out first goes: its session ends at the reaper; its client signs in again.
                 soonest = min(self._entries.values(), key=lambda e: e.principal.expires or _FAR)
                 del self._entries[soonest.principal.id]
-        self._entries[principal.id] = _Entry(principal, key_id, key_fp)
+        self._entries[principal.id] = _Entry(principal, key_id, key_fp, grant_id)
 
     def current(self, identity: str) -> ApiKey | Principal | None:
         entry = self._entries.get(identity)
@@ -119,6 +130,27 @@ class Principals:
     def derived_from(self, key_ids: Collection[str]) -> set[str]:
         """The OAuth identities whose tokens these keys approved (to end with the keys)."""
         return {i for i, e in self._entries.items() if e.key_id is not None and e.key_id in key_ids}
+
+    async def ungranted(self, identities: Collection[str]) -> set[str]:
+        """Those of these identities whose last token's grant is no longer live, forgotten here.
+        One store read per grant: the reaper asks only for identities with open sessions."""
+        grants: dict[str, set[str]] = {}
+        for identity in identities:
+            entry = self._entries.get(identity)
+            if entry is not None and entry.grant_id is not None:
+                grants.setdefault(entry.grant_id, set()).add(identity)
+        gone: set[str] = set()
+        if self.grant_live is None:
+            return gone
+        for grant_id, holders in grants.items():
+            try:
+                live = await self.grant_live(grant_id)
+            except Exception:  # store unreachable (audited there): requests fail closed by themselves,
+                live = True  # and a blip must not end every stream
+            if not live:
+                gone |= holders
+        self.forget(gone)
+        return gone
 
     def forget(self, identities: Collection[str]) -> None:
         for identity in identities:

@@ -7,22 +7,38 @@ its grants there; and both engines give back exactly what they stored (the admin
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import redis.asyncio
+from cryptography.fernet import Fernet
 
+from mcp_sse import app as app_module
 from mcp_sse.settings import Secret
+from mcp_sse.state import SESSIONS
 from mcp_sse.store import ClientRecord, OAuthStore, RefreshRecord
 from mcp_sse.store.redis_oauth import RedisOAuthStore
-from tests.conftest import text_of
+from tests.conftest import text_of, until_eof
 from tests.redis_server import RedisServer, needs_redis
 
-from .as_helpers import AS, Browser, FakeClock, Keys, authorization_params, pkce, register, start_as, token
+from .as_helpers import (
+    AS,
+    Browser,
+    FakeClock,
+    Keys,
+    MemoryStorage,
+    authorization_params,
+    pkce,
+    register,
+    start_as,
+    token,
+)
 from .test_server_store import client, grant, store
-from .test_wiring import StartOAuth, oauth_client, start_oauth
+from .test_wiring import StartOAuth, oauth_client, post_initialize, start_oauth
 
 __all__ = ["start_oauth", "store"]  # fixtures from there: the gateway, and both OAuthStore engines
 
@@ -184,3 +200,74 @@ async def test_both_engines_give_back_what_they_were_given_and_list_it_newest_fi
     await store.revoke_grant("g2", 1500.0, remember_until=1500.0)
     assert [g.grant_id for g in await store.list_grants(1500.0, 10)] == ["g1"]
     assert await store.list_grants(2000.0, 10) == []  # expired
+
+
+async def test_a_grant_revoked_on_one_instance_ends_its_streams_on_the_other(
+    start_oauth: StartOAuth, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app_module, "REAP_INTERVAL", 0.05)
+    shared = {  # one PUBLIC_URL, signing key and hop secret behind a load balancer
+        "oauth_server": True,
+        "redis_url": Secret(redis_url),
+        "session_secret": Secret(Fernet.generate_key().decode()),
+    }
+    a = await start_oauth(**shared)
+    b = await start_oauth(like=a, **shared)
+    storage = MemoryStorage()
+    async with oauth_client(a.url, a.operator, storage=storage) as client:
+        await client.list_tools()
+    assert storage.tokens is not None and storage.client is not None
+    access = storage.tokens.access_token
+    opened = await post_initialize(b.url, access)  # A's token, a session held by B
+    assert opened.status == 200
+    session_id = opened.headers["Mcp-Session-Id"]
+    headers = {
+        "Accept": "text/event-stream",
+        "Authorization": f"Bearer {access}",
+        "Mcp-Session-Id": session_id,
+    }
+    async with aiohttp.ClientSession() as http, http.get(b.url + "/mcp", headers=headers) as stream:
+        assert stream.status == 200
+        form = {"token": access, "client_id": storage.client.client_id or ""}
+        async with http.post(a.url + "/oauth/revoke", data=form) as revoked:  # on A
+            assert revoked.status == 200
+        await until_eof(stream)  # B's reaper, at its next pass
+    [line] = b.audit("session.revoked")
+    assert line["sessions_closed"] == 1
+    assert b.app[SESSIONS].get(session_id) is None
+    assert (await post_initialize(b.url, access)).status == 401
+
+
+async def test_redis_down_leaves_a_grants_streams_open_and_redis_back_empty_ends_them(
+    start_oauth: StartOAuth, server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reaper cannot tell a revoked grant from an outage: a blip must not end every stream
+    (the requests themselves fail closed meanwhile). A Redis back without the grant (no
+    persistence) is a grant that is gone: its stream ends, as a revoked one would."""
+    monkeypatch.setattr(app_module, "REAP_INTERVAL", 0.05)
+    gw = await start_oauth(oauth_server=True, redis_url=Secret(server.url()))
+    storage = MemoryStorage()
+    async with oauth_client(gw.url, gw.operator, storage=storage) as client:
+        await client.list_tools()
+    assert storage.tokens is not None
+    access = storage.tokens.access_token
+    opened = await post_initialize(gw.url, access)
+    assert opened.status == 200
+    session_id = opened.headers["Mcp-Session-Id"]
+    headers = {
+        "Accept": "text/event-stream",
+        "Authorization": f"Bearer {access}",
+        "Mcp-Session-Id": session_id,
+    }
+    async with aiohttp.ClientSession() as http, http.get(gw.url + "/mcp", headers=headers) as stream:
+        assert stream.status == 200
+        server.stop()
+        async with asyncio.timeout(60):  # the reaper asked, and Redis did not answer
+            while not [e for e in gw.audit("store.unavailable") if e["store"] == "OAuth"]:
+                await asyncio.sleep(0.05)
+        session = gw.app[SESSIONS].get(session_id)
+        assert session is not None and not session.closed and not stream.content.at_eof()
+        assert not gw.audit("session.revoked")
+        server.start()
+        await until_eof(stream)
+    assert [line["sessions_closed"] for line in gw.audit("session.revoked")] == [1]

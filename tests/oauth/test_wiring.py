@@ -40,13 +40,14 @@ from mcp.shared.auth import (
 from mcp.shared.exceptions import MCPError
 from pydantic import AnyUrl
 
+from mcp_sse import app as app_module
 from mcp_sse.app import create_app, reload_keys
 from mcp_sse.oauth.metadata import SCOPES
 from mcp_sse.security.errors import REALM
 from mcp_sse.security.keys import digest
 from mcp_sse.settings import Secret, Settings, SettingsError
 from mcp_sse.state import SESSIONS
-from tests.conftest import init_message, launch, text_of
+from tests.conftest import init_message, launch, text_of, until_eof
 
 from .as_helpers import (
     LOOPBACK_CALLBACK,
@@ -96,27 +97,29 @@ StartOAuth = Callable[..., Awaitable[Gateway]]
 async def start_oauth(aiohttp_server: Callable[..., Awaitable[TestServer]], tmp_path: Path) -> StartOAuth:
     """create_app() on 127.0.0.1 at a port chosen first, so PUBLIC_URL can name it."""
 
-    async def start(**overrides: Any) -> Gateway:
+    async def start(*, like: Gateway | None = None, **overrides: Any) -> Gateway:
+        """`like`: a second instance of that one (its keys, state dir and PUBLIC_URL, its own audit)."""
         port = unused_port()
         url = f"http://127.0.0.1:{port}"
         keys_file = tmp_path / "keys.json"
         gateway = Gateway(
             url,
             web.Application(),
-            admin="mcp_" + secrets.token_urlsafe(32),
-            operator="mcp_" + secrets.token_urlsafe(32),
-            viewer="mcp_" + secrets.token_urlsafe(32),
+            admin=like.admin if like else "mcp_" + secrets.token_urlsafe(32),
+            operator=like.operator if like else "mcp_" + secrets.token_urlsafe(32),
+            viewer=like.viewer if like else "mcp_" + secrets.token_urlsafe(32),
             keys_file=keys_file,
-            audit_file=tmp_path / "audit.log",
+            audit_file=tmp_path / (f"audit-{port}.log" if like else "audit.log"),
         )
-        keys_file.write_text(json.dumps({"keys": gateway.entries()}))
+        if like is None:
+            keys_file.write_text(json.dumps({"keys": gateway.entries()}))
         settings: dict[str, Any] = {
             "auth_token": Secret(gateway.admin),
             "keys_file": keys_file,
             "session_secret": Secret(Fernet.generate_key().decode()),
             "audit_log": gateway.audit_file,
             "rate_limit_max_requests": 100_000,
-            "public_url": url,
+            "public_url": like.url if like else url,
             "state_dir": tmp_path / "state",
             **overrides,
         }
@@ -355,6 +358,40 @@ async def test_revoking_the_approving_key_ends_its_token_and_sessions_at_once(
     assert (
         gw.audit("auth.failed")[-1]["reason"] == "the key that approved the token was revoked or has expired"
     )
+
+
+async def test_revoking_the_grant_ends_the_streams_its_tokens_opened(
+    start_oauth: StartOAuth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 7009 revocation refuses the grant's tokens at once (tested in test_server); the 2025
+    session its token opened, and its GET stream, end at the reaper's next pass. A key's own
+    session, open alongside, is left alone."""
+    monkeypatch.setattr(app_module, "REAP_INTERVAL", 0.05)
+    gw = await start_oauth(oauth_server=True)
+    storage = MemoryStorage()
+    async with oauth_client(gw.url, gw.operator, storage=storage) as client:
+        await client.list_tools()
+    assert storage.tokens is not None and storage.client is not None
+    access, refresh = storage.tokens.access_token, storage.tokens.refresh_token
+    granted, kept = await post_initialize(gw.url, access), await post_initialize(gw.url, gw.operator)
+    headers = {"Accept": "text/event-stream", "Authorization": f"Bearer {access}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            gw.url + "/mcp", headers={**headers, "Mcp-Session-Id": granted.headers["Mcp-Session-Id"]}
+        ) as stream,
+    ):
+        assert stream.status == 200
+        form = {"token": refresh or "", "client_id": storage.client.client_id or ""}
+        async with http.post(gw.url + "/oauth/revoke", data=form) as revoked:
+            assert revoked.status == 200
+        await until_eof(stream)  # the reaper's next pass, however slow the machine
+    [line] = gw.audit("session.revoked")
+    assert line["sessions_closed"] == 1 and line["identities"].startswith("oauth-")
+    assert gw.app[SESSIONS].get(granted.headers["Mcp-Session-Id"]) is None
+    session = gw.app[SESSIONS].get(kept.headers["Mcp-Session-Id"])
+    assert session is not None and not session.closed
+    assert (await post_initialize(gw.url, access)).status == 401
 
 
 async def test_own_token_is_bound_to_its_resource(start_oauth: StartOAuth) -> None:

@@ -27,7 +27,7 @@ from mcp_sse.security.keys import generate_key, load_keys
 from mcp_sse.settings import Secret, Settings
 from mcp_sse.state import BACKENDS
 from mcp_sse.upstream import backend as backend_module
-from tests.conftest import init_message, launch, next_event
+from tests.conftest import init_message, launch, next_event, until_eof
 
 REPO = Path(__file__).resolve().parents[2]
 ORIGIN = "http://console.example"
@@ -282,9 +282,7 @@ async def test_deleting_a_key_ends_its_open_stream_and_its_next_request(start_ad
         async with http.delete(url, headers=admin.auth()) as r:
             assert r.status == 200, await r.text()
             assert (await r.json())["sessions_closed"] == 1
-        with pytest.raises(EOFError):  # the stream ends: read to its end (keep-alives come first)
-            while True:
-                await next_event(stream, timeout=30)
+        await until_eof(stream)  # read to its end (keep-alives come first)
         assert not other.content.at_eof()
         async with http.get(admin.url + "/health", headers=admin.auth("operator")) as r:
             assert r.status == 401
@@ -316,9 +314,7 @@ async def test_rotation_refuses_the_old_secret_and_takes_the_new(start_admin: St
             assert r.status == 200, await r.text()
             rotated = await r.json()
         assert rotated["id"] == admin.ids["operator"] and rotated["sessions_closed"] == 1
-        with pytest.raises(EOFError):
-            while True:
-                await next_event(stream, timeout=30)
+        await until_eof(stream)
         async with http.get(admin.url + "/health", headers=old) as r:
             assert r.status == 401
         new = {"Authorization": f"Bearer {rotated['secret']}"}

@@ -18,7 +18,7 @@ import pytest
 from mcp_sse import app as app_module
 from mcp_sse.app import reload_keys
 from mcp_sse.state import TASKS
-from tests.conftest import SDK_SERVER, StartGateway, next_event, next_message, wait_for_text
+from tests.conftest import SDK_SERVER, StartGateway, next_message, until_eof, wait_for_text
 from tests.interop.test_modern import RAW_SERVER, modern_headers, modern_request
 
 from .helpers import audit_lines
@@ -32,14 +32,6 @@ ACK = "notifications/subscriptions/acknowledged"
 async def http() -> Any:
     async with aiohttp.ClientSession() as session:
         yield session
-
-
-async def until_eof(stream: aiohttp.ClientResponse, timeout: float = 60) -> None:
-    """Read a stream until it ends; keep-alives come every 15 s, so no single read times out."""
-    async with asyncio.timeout(timeout):
-        with pytest.raises(EOFError):
-            while True:
-                await next_event(stream, timeout)
 
 
 async def test_reload_ends_a_revoked_keys_listen_streams_and_parked_calls_at_once(

@@ -24,7 +24,7 @@ from mcp_sse.app import reload_keys
 from mcp_sse.settings import Secret
 from mcp_sse.state import KEYS
 from mcp_sse.store.redis_keys import KEY_CHANNEL
-from tests.conftest import Running, StartGateway, next_event
+from tests.conftest import Running, StartGateway, next_event, until_eof
 from tests.redis_server import RedisServer, needs_redis
 
 from .helpers import audit_lines
@@ -118,13 +118,6 @@ async def open_stream(http: aiohttp.ClientSession, gw: Running, secret: str) -> 
     assert stream.status == 200
     assert (await next_event(stream)).event == "endpoint"
     return stream
-
-
-async def until_eof(stream: aiohttp.ClientResponse) -> None:
-    async with asyncio.timeout(30):
-        with pytest.raises(EOFError):
-            while True:
-                await next_event(stream, 30)
 
 
 async def delete_key(http: aiohttp.ClientSession, gw: Running, key_id: str) -> None:
