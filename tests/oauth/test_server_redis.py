@@ -12,7 +12,6 @@ import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 import redis.asyncio
 from cryptography.fernet import Fernet
@@ -30,7 +29,6 @@ from .as_helpers import (
     Browser,
     FakeClock,
     Keys,
-    MemoryStorage,
     authorization_params,
     pkce,
     register,
@@ -38,7 +36,15 @@ from .as_helpers import (
     token,
 )
 from .test_server_store import client, grant, store
-from .test_wiring import StartOAuth, oauth_client, post_initialize, start_oauth
+from .test_wiring import (
+    StartOAuth,
+    grant_of,
+    oauth_client,
+    post_initialize,
+    revoke,
+    session_stream,
+    start_oauth,
+)
 
 __all__ = ["start_oauth", "store"]  # fixtures from there: the gateway, and both OAuthStore engines
 
@@ -213,29 +219,14 @@ async def test_a_grant_revoked_on_one_instance_ends_its_streams_on_the_other(
     }
     a = await start_oauth(**shared)
     b = await start_oauth(like=a, **shared)
-    storage = MemoryStorage()
-    async with oauth_client(a.url, a.operator, storage=storage) as client:
-        await client.list_tools()
-    assert storage.tokens is not None and storage.client is not None
-    access = storage.tokens.access_token
-    opened = await post_initialize(b.url, access)  # A's token, a session held by B
-    assert opened.status == 200
-    session_id = opened.headers["Mcp-Session-Id"]
-    headers = {
-        "Accept": "text/event-stream",
-        "Authorization": f"Bearer {access}",
-        "Mcp-Session-Id": session_id,
-    }
-    async with aiohttp.ClientSession() as http, http.get(b.url + "/mcp", headers=headers) as stream:
-        assert stream.status == 200
-        form = {"token": access, "client_id": storage.client.client_id or ""}
-        async with http.post(a.url + "/oauth/revoke", data=form) as revoked:  # on A
-            assert revoked.status == 200
+    grant = await grant_of(a)
+    async with session_stream(b.url, grant.access) as (session_id, stream):  # A's token, held by B
+        await revoke(a.url, grant.access, grant.client_id)  # on A
         await until_eof(stream)  # B's reaper, at its next pass
     [line] = b.audit("session.revoked")
     assert line["sessions_closed"] == 1
     assert b.app[SESSIONS].get(session_id) is None
-    assert (await post_initialize(b.url, access)).status == 401
+    assert (await post_initialize(b.url, grant.access)).status == 401
 
 
 async def test_redis_down_leaves_a_grants_streams_open_and_redis_back_empty_ends_them(
@@ -246,21 +237,8 @@ async def test_redis_down_leaves_a_grants_streams_open_and_redis_back_empty_ends
     persistence) is a grant that is gone: its stream ends, as a revoked one would."""
     monkeypatch.setattr(app_module, "REAP_INTERVAL", 0.05)
     gw = await start_oauth(oauth_server=True, redis_url=Secret(server.url()))
-    storage = MemoryStorage()
-    async with oauth_client(gw.url, gw.operator, storage=storage) as client:
-        await client.list_tools()
-    assert storage.tokens is not None
-    access = storage.tokens.access_token
-    opened = await post_initialize(gw.url, access)
-    assert opened.status == 200
-    session_id = opened.headers["Mcp-Session-Id"]
-    headers = {
-        "Accept": "text/event-stream",
-        "Authorization": f"Bearer {access}",
-        "Mcp-Session-Id": session_id,
-    }
-    async with aiohttp.ClientSession() as http, http.get(gw.url + "/mcp", headers=headers) as stream:
-        assert stream.status == 200
+    grant = await grant_of(gw)
+    async with session_stream(gw.url, grant.access) as (session_id, stream):
         server.stop()
         async with asyncio.timeout(60):  # the reaper asked, and Redis did not answer
             while not [e for e in gw.audit("store.unavailable") if e["store"] == "OAuth"]:

@@ -360,6 +360,47 @@ async def test_revoking_the_approving_key_ends_its_token_and_sessions_at_once(
     )
 
 
+@dataclass
+class Grant:
+    """What a client holds after the SDK's whole flow against `gw`, signed in with its operator key."""
+
+    access: str
+    refresh: str
+    client_id: str
+
+
+async def grant_of(gw: Gateway) -> Grant:
+    storage = MemoryStorage()
+    async with oauth_client(gw.url, gw.operator, storage=storage) as client:
+        await client.list_tools()
+    assert storage.tokens is not None and storage.tokens.refresh_token and storage.client is not None
+    return Grant(storage.tokens.access_token, storage.tokens.refresh_token, storage.client.client_id or "")
+
+
+@asynccontextmanager
+async def session_stream(url: str, token: str) -> AsyncIterator[tuple[str, aiohttp.ClientResponse]]:
+    """A 2025 session opened with `token` at `url`, and its GET stream, open: (session id, stream)."""
+    opened = await post_initialize(url, token)
+    assert opened.status == 200
+    session_id = opened.headers["Mcp-Session-Id"]
+    headers = {
+        "Accept": "text/event-stream",
+        "Authorization": f"Bearer {token}",
+        "Mcp-Session-Id": session_id,
+    }
+    async with aiohttp.ClientSession() as http, http.get(url + "/mcp", headers=headers) as stream:
+        assert stream.status == 200
+        yield session_id, stream
+
+
+async def revoke(url: str, token: str, client_id: str) -> None:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url + "/oauth/revoke", data={"token": token, "client_id": client_id}) as revoked,
+    ):
+        assert revoked.status == 200
+
+
 async def test_revoking_the_grant_ends_the_streams_its_tokens_opened(
     start_oauth: StartOAuth, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -368,30 +409,17 @@ async def test_revoking_the_grant_ends_the_streams_its_tokens_opened(
     session, open alongside, is left alone."""
     monkeypatch.setattr(app_module, "REAP_INTERVAL", 0.05)
     gw = await start_oauth(oauth_server=True)
-    storage = MemoryStorage()
-    async with oauth_client(gw.url, gw.operator, storage=storage) as client:
-        await client.list_tools()
-    assert storage.tokens is not None and storage.client is not None
-    access, refresh = storage.tokens.access_token, storage.tokens.refresh_token
-    granted, kept = await post_initialize(gw.url, access), await post_initialize(gw.url, gw.operator)
-    headers = {"Accept": "text/event-stream", "Authorization": f"Bearer {access}"}
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(
-            gw.url + "/mcp", headers={**headers, "Mcp-Session-Id": granted.headers["Mcp-Session-Id"]}
-        ) as stream,
-    ):
-        assert stream.status == 200
-        form = {"token": refresh or "", "client_id": storage.client.client_id or ""}
-        async with http.post(gw.url + "/oauth/revoke", data=form) as revoked:
-            assert revoked.status == 200
+    grant = await grant_of(gw)
+    kept = await post_initialize(gw.url, gw.operator)
+    async with session_stream(gw.url, grant.access) as (session_id, stream):
+        await revoke(gw.url, grant.refresh, grant.client_id)
         await until_eof(stream)  # the reaper's next pass, however slow the machine
     [line] = gw.audit("session.revoked")
     assert line["sessions_closed"] == 1 and line["identities"].startswith("oauth-")
-    assert gw.app[SESSIONS].get(granted.headers["Mcp-Session-Id"]) is None
+    assert gw.app[SESSIONS].get(session_id) is None
     session = gw.app[SESSIONS].get(kept.headers["Mcp-Session-Id"])
     assert session is not None and not session.closed
-    assert (await post_initialize(gw.url, access)).status == 401
+    assert (await post_initialize(gw.url, grant.access)).status == 401
 
 
 async def test_own_token_is_bound_to_its_resource(start_oauth: StartOAuth) -> None:
