@@ -308,6 +308,7 @@ def create_app(
             listen=settings.cluster_listen,
             advertise=settings.cluster_advertise,
             mounts=mounts,
+            tracing=tracing,
         )
     app[ROUTE_BACKENDS] = mounts.backend_of
     app[SPECS] = {spec.name: spec for spec in specs}

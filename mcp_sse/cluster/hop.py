@@ -26,6 +26,7 @@ __all__ = [
     "HEADER_REQUEST",
     "HEADER_SIGNATURE",
     "RELAYED_HEADERS",
+    "TRACE_HEADERS",
     "HopError",
     "Misdirected",
     "Signer",
@@ -46,6 +47,8 @@ RELAYED_HEADERS: Final = (
     "Last-Event-ID",
 )
 """The client headers the owner acts on: these go across (signed), nothing else of the client's."""
+TRACE_HEADERS: Final = ("traceparent", "tracestate")
+"""The relaying instance's own span context (not the client's: that is its ancestor), signed too."""
 
 
 class HopError(Exception):
@@ -76,7 +79,7 @@ class Signer:
 
     def _mac(self, method: str, path: str, hop: str, fields: Mapping[str, str], body: bytes) -> str:
         parts = [method.upper(), path, hop, fields.get(HEADER_IDENTITY, ""), fields.get(HEADER_REQUEST, "")]
-        parts += [f"{name.lower()}:{fields.get(name, '')}" for name in RELAYED_HEADERS]
+        parts += [f"{name.lower()}:{fields.get(name, '')}" for name in (*RELAYED_HEADERS, *TRACE_HEADERS)]
         parts.append(hashlib.sha256(body).hexdigest())
         return hmac.new(self._secret, "\n".join(parts).encode(), hashlib.sha256).hexdigest()
 
@@ -90,9 +93,13 @@ class Signer:
         request_id: str,
         client_headers: Mapping[str, str],
         body: bytes,
+        trace: Mapping[str, str] | None = None,
     ) -> dict[str, str]:
-        """The headers of a hop to instance `target`: the relayed client headers and the signed ones."""
+        """The headers of a hop to instance `target`: the relayed client headers, the relaying span's
+        `trace` context, and the signed ones."""
         headers = {name: client_headers[name] for name in RELAYED_HEADERS if name in client_headers}
+        if trace:
+            headers.update((name, trace[name]) for name in TRACE_HEADERS if name in trace)
         headers[HEADER_IDENTITY] = identity
         headers[HEADER_REQUEST] = request_id
         hop = f"{int(time.time())}.{secrets.token_urlsafe(16)}.{target}"

@@ -41,6 +41,8 @@ from .hop import HEADER_IDENTITY, HEADER_REQUEST, HopError, Misdirected, Signer
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from ..ops.tracing import Tracing
+
 __all__ = ["HEARTBEAT_SECONDS", "TTL_SECONDS", "Node", "install"]
 
 log = logging.getLogger("mcp_sse.cluster")
@@ -87,7 +89,10 @@ class Node:
         advertise: tuple[str, int] | None,
         audit: AuditLog,
         sessions: SessionStore,
+        tracing: Tracing | None = None,
     ) -> None:
+        self.tracing = tracing
+        """A hop continues the relaying request's trace at the owner (its internal listener traces too)."""
         self.instance_id = secrets.token_hex(16)  # 128 random bits, made in this process (after any fork)
         self.redis = redis
         self.signer = Signer(secret, self.instance_id)
@@ -239,6 +244,7 @@ class Node:
             request_id=request.get(REQUEST_ID, ""),
             client_headers=request.headers,
             body=body,
+            trace=None if self.tracing is None else self.tracing.context_headers(),
         )
         assert self._client is not None
         url = URL(f"http://{address}{request.raw_path}", encoded=True)
@@ -302,7 +308,10 @@ class Node:
             request[FORWARDED_BODY] = body
             return await handler(request)
 
-        internal = web.Application(middlewares=[verify], client_max_size=app[TRANSPORT].max_body)
+        tracing = [] if self.tracing is None else [self.tracing.middleware()]
+        internal = web.Application(middlewares=[*tracing, verify], client_max_size=app[TRANSPORT].max_body)
+        if self.tracing is not None:
+            self.tracing.install(internal, shutdown=False)  # the public app shuts the exporter down
         internal[SESSIONS] = app[SESSIONS]
         internal[TRANSPORT] = app[TRANSPORT]
         internal[TASKS] = app[TASKS]  # so the drain on shutdown waits for forwarded work too
@@ -350,6 +359,7 @@ def install(
     listen: tuple[str, int],
     advertise: tuple[str, int] | None,
     mounts: Mounts,
+    tracing: Tracing | None = None,
 ) -> Node:
     """Make this app one instance of a cluster: app[CLUSTER], its internal listener, its heartbeat."""
     node = Node(
@@ -359,6 +369,7 @@ def install(
         advertise=advertise,
         audit=app[AUDIT_KEY],
         sessions=app[SESSIONS],
+        tracing=tracing,
     )
     internal = node.internal_app(app, mounts)
     app[CLUSTER] = node

@@ -181,9 +181,10 @@ class Tracing:
         self._context = context
         self._span_key: web.RequestKey[Span] = web.RequestKey("trace_span")
 
-    def install(self, app: web.Application) -> None:
+    def install(self, app: web.Application, *, shutdown: bool = True) -> None:
+        """`shutdown`: false for a second app of the same process (the cluster's internal listener)."""
         app.on_response_prepare.append(self._prepared)
-        if self.owned:
+        if self.owned and shutdown:
             app.on_cleanup.append(self._shutdown)
 
     async def _shutdown(self, app: web.Application) -> None:
@@ -260,6 +261,12 @@ class Tracing:
                 span.set_attribute("error.type", str(status))
                 span.set_status(self._trace.StatusCode.ERROR)
         span.end()
+
+    def context_headers(self) -> dict[str, str]:
+        """`traceparent` (and `tracestate`) of the current span: what a hop to another instance carries."""
+        carrier: dict[str, str] = {}
+        self.propagator.inject(carrier)
+        return carrier
 
     async def _prepared(self, request: web.Request, response: web.StreamResponse) -> None:
         """An SSE stream's span ends as its headers go out; other responses end in the middleware."""

@@ -51,7 +51,9 @@ class Pair:
         return node
 
 
-async def start_pair(start_gateway: StartGateway, tmp_path: Path, url: str) -> Pair:
+async def start_pair(
+    start_gateway: StartGateway, tmp_path: Path, url: str, tracing: tuple[Any, Any] = (None, None)
+) -> Pair:
     alice, alice_entry = generate_key("alice", "operator")
     bob, bob_entry = generate_key("bob", "operator")
     keys = tmp_path / "keys.json"
@@ -62,8 +64,8 @@ async def start_pair(start_gateway: StartGateway, tmp_path: Path, url: str) -> P
         "redis_url": Secret(url),
         "session_secret": Secret(Fernet.generate_key().decode()),  # the same on both: it signs the hop
     }
-    a = await start_gateway(audit_log=tmp_path / "a.log", **common)
-    b = await start_gateway(audit_log=tmp_path / "b.log", **common)
+    a = await start_gateway(audit_log=tmp_path / "a.log", tracing=tracing[0], **common)
+    b = await start_gateway(audit_log=tmp_path / "b.log", tracing=tracing[1], **common)
     return Pair(a, b, alice, bob, tmp_path / "a.log", tmp_path / "b.log")
 
 
@@ -227,6 +229,7 @@ async def test_the_internal_listener_refuses_unsigned_forged_replayed_and_stale_
         {**client, HEADER_IDENTITY: "k-alice"},  # an identity header alone
         {**good, HEADER_SIGNATURE: "0" * 64},  # forged
         {**good, HEADER_IDENTITY: "someone-else"},  # a signed hop with its identity changed
+        {**good, "traceparent": f"00-{'1' * 32}-{'2' * 16}-01"},  # or a trace context slipped in
     ]
     stamp, _, rest = good[HEADER_HOP].partition(".")
     stale = {**good, HEADER_HOP: f"{int(stamp) - 120}.{rest}"}
@@ -251,6 +254,45 @@ async def test_the_internal_listener_refuses_unsigned_forged_replayed_and_stale_
         line.get("reason") for line in audit_lines(pair.audit_a) if line["event"] == "cluster.hop_refused"
     ]
     assert {"unsigned", "bad signature", "meant for another instance", "replayed"} <= set(reasons)
+
+
+async def test_a_relayed_call_is_one_trace_across_both_instances(
+    start_gateway: StartGateway, tmp_path: Path, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    """The hop carries the relaying request's span context (signed): the owner's spans are its
+    children, in the trace the client started, not a new trace."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from mcp_sse.ops.tracing import Tracing
+
+    exporters, providers = [InMemorySpanExporter(), InMemorySpanExporter()], []
+    for exporter in exporters:
+        providers.append(TracerProvider())
+        providers[-1].add_span_processor(SimpleSpanProcessor(exporter))
+    try:
+        pair = await start_pair(
+            start_gateway, tmp_path, redis_url, tracing=(Tracing(providers[0]), Tracing(providers[1]))
+        )
+        session_id = await initialize(http, pair.a.url, pair.alice)
+        trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+        headers = session_headers(pair.alice, session_id, traceparent=f"00-{trace_id}-{parent_id}-01")
+        async with http.post(f"{pair.b.url}/mcp", json=call(2, "traced"), headers=headers) as response:
+            assert response.status == 200, await response.text()
+        at_b = [s for s in exporters[1].get_finished_spans() if s.name == "POST /mcp"]
+        at_a = exporters[0].get_finished_spans()
+        [relayed] = [s for s in at_b if format(s.context.trace_id, "032x") == trace_id]
+        assert relayed.parent is not None and format(relayed.parent.span_id, "016x") == parent_id
+        [hop] = [s for s in at_a if s.name == "POST /mcp" and format(s.context.trace_id, "032x") == trace_id]
+        assert hop.parent is not None and hop.parent.span_id == relayed.context.span_id
+        [mcp] = [s for s in at_a if s.name == "tools/call echo" and s.kind.name == "SERVER"]
+        assert mcp.parent is not None and mcp.parent.span_id == hop.context.span_id
+        [backend] = [s for s in at_a if s.name == "tools/call echo" and s.kind.name == "CLIENT"]
+        assert backend.parent is not None and backend.parent.span_id == mcp.context.span_id
+    finally:
+        for provider in providers:
+            provider.shutdown()
 
 
 def test_a_stale_hop_is_refused_even_with_a_valid_signature(monkeypatch: pytest.MonkeyPatch) -> None:
