@@ -116,6 +116,7 @@ class MultiplexedBackend(Backend):
     (a stdio child, a remote server): every client-facing call is the Multiplexer's."""
 
     mux: Multiplexer
+    tool_count: int | None = None
 
     def _unavailable(self) -> str:
         return f"backend {self.name!r} is {self.state}"
@@ -155,6 +156,65 @@ class MultiplexedBackend(Backend):
     def detach(self, session: Session) -> None:
         self.mux.detach(session)
 
+    # -- the gateway's own requests while connecting --------------------------------------------
+
+    @abstractmethod
+    def _write(self, message: Message) -> None:
+        """Send one message to the server (the Multiplexer's writer)."""
+
+    def _setup_failed(self, why: str) -> Exception:
+        """What a failed handshake request raises (the remote's says so in its own error)."""
+        return RuntimeError(why)
+
+    async def _setup_call(self, message: Message) -> dict[str, Any]:
+        reply = await self.mux.call(None, message, INIT_TIMEOUT)
+        result = reply.get("result")
+        if not isinstance(result, dict):
+            error = reply.get("error") or {}
+            why = str(error.get("message", "no result") if isinstance(error, dict) else "no result")
+            raise self._setup_failed(f"{message['method']} failed: {why[:200]}")
+        return result
+
+    def learn(self, result: dict[str, Any]) -> None:
+        """What an initialize (or a 2026-07-28 server/discover) result says the server offers."""
+        self.capabilities = dict(result.get("capabilities") or {})
+        meta = result.get("_meta") or {}
+        self.server_info = dict(
+            result.get("serverInfo") or meta.get("io.modelcontextprotocol/serverInfo") or {}
+        )
+        self.instructions = (
+            result.get("instructions") if isinstance(result.get("instructions"), str) else None
+        )
+
+    async def _initialize(self, version: str) -> dict[str, Any]:
+        """The MCP handshake at `version`: initialize, what the server offers learnt, initialized."""
+        params = {
+            "protocolVersion": version,
+            "capabilities": {"sampling": {}, "elicitation": {}, "roots": {"listChanged": True}},
+            "clientInfo": {"name": "mcp-sse", "version": __version__},
+        }
+        message = {"jsonrpc": "2.0", "id": "init", "method": "initialize", "params": params}
+        result = await self._setup_call(message)
+        self.learn(result)
+        self._write({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        return result
+
+    async def _list_tools(self) -> None:
+        """The tools and their schemas, known from the start: arguments are checked before any
+        client listed the tools."""
+        if "tools" not in self.capabilities:
+            return
+        message = {"jsonrpc": "2.0", "id": "tools", "method": "tools/list", "params": {}}
+        result = await self._setup_call(message)
+        listed = result.get("tools")
+        listed = listed if isinstance(listed, list) else []  # a server's answer, not a promise
+        self.tool_count = len(listed)
+        self.schemas = {
+            str(t.get("name")): t["inputSchema"]
+            for t in listed
+            if isinstance(t, dict) and isinstance(t.get("inputSchema"), dict)
+        }
+
 
 class StdioBackend(MultiplexedBackend):
     """A supervised child: initialized by the gateway itself, restarted with backoff, never a zombie."""
@@ -168,7 +228,6 @@ class StdioBackend(MultiplexedBackend):
         self.timeout = spec.timeout
         self.max_line = max_line
         self.restarts = 0
-        self.tool_count: int | None = None
         self._timed_out = asyncio.Event()
         self.mux = Multiplexer(spec.name, self._write, on_timeout=self._timed_out.set)
         self._child: ChildProcess | None = None
@@ -239,7 +298,7 @@ class StdioBackend(MultiplexedBackend):
         self._child = child
         log.info("backend %s: started pid %s", self.name, child.pid)
         exited = asyncio.create_task(child.wait())
-        handshake = asyncio.create_task(self._initialize())
+        handshake = asyncio.create_task(self._handshake())
         wedged: asyncio.Task[str] | None = None
         grace = STOP_GRACE
         try:
@@ -294,36 +353,9 @@ class StdioBackend(MultiplexedBackend):
             if not await self.mux.ping(PING_TIMEOUT):
                 return f"wedged: a request timed out and a ping got no answer within {PING_TIMEOUT:g} s"
 
-    async def _initialize(self) -> None:
-        params = {
-            "protocolVersion": LATEST_HANDSHAKE,
-            "capabilities": {"sampling": {}, "elicitation": {}, "roots": {"listChanged": True}},
-            "clientInfo": {"name": "mcp-sse", "version": __version__},
-        }
-        reply = await self.mux.call(
-            None, {"jsonrpc": "2.0", "id": "init", "method": "initialize", "params": params}, INIT_TIMEOUT
-        )
-        result = reply.get("result")
-        if not isinstance(result, dict):
-            raise RuntimeError(f"initialize failed: {reply.get('error', {}).get('message', 'no result')}")
-        self.capabilities = dict(result.get("capabilities") or {})
-        self.server_info = dict(result.get("serverInfo") or {})
-        self.instructions = result.get("instructions")
-        assert self._child is not None
-        self._child.write({"jsonrpc": "2.0", "method": "notifications/initialized"})
-        if "tools" in self.capabilities:
-            tools = await self.mux.call(
-                None, {"jsonrpc": "2.0", "id": "tools", "method": "tools/list", "params": {}}, INIT_TIMEOUT
-            )
-            listed = (tools.get("result") or {}).get("tools")
-            listed = listed if isinstance(listed, list) else []  # a child's answer, not a promise
-            self.tool_count = len(listed)
-            # Known from the start, so arguments are checked before any client listed the tools.
-            self.schemas = {
-                str(t.get("name")): t["inputSchema"]
-                for t in listed
-                if isinstance(t, dict) and isinstance(t.get("inputSchema"), dict)
-            }
+    async def _handshake(self) -> None:
+        await self._initialize(LATEST_HANDSHAKE)
+        await self._list_tools()
 
     async def stop(self) -> None:
         self._stopping = True

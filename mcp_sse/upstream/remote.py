@@ -484,7 +484,6 @@ class RemoteBackend(MultiplexedBackend):
         self.timeout = spec.timeout
         self.max_message = max_message
         self.restarts = 0
-        self.tool_count: int | None = None
         self.transport: str | None = spec.transport
         self.credentials: ClientCredentials | None = None
         if spec.auth is not None:
@@ -601,17 +600,6 @@ class RemoteBackend(MultiplexedBackend):
         with contextlib.suppress(ConnectionError):
             self._write(message)
 
-    def learn(self, result: dict[str, Any]) -> None:
-        """What an initialize or server/discover result says the server offers."""
-        self.capabilities = dict(result.get("capabilities") or {})
-        meta = result.get("_meta") or {}
-        self.server_info = dict(
-            result.get("serverInfo") or meta.get("io.modelcontextprotocol/serverInfo") or {}
-        )
-        self.instructions = (
-            result.get("instructions") if isinstance(result.get("instructions"), str) else None
-        )
-
     # -- the connection's life ----------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -698,41 +686,17 @@ class RemoteBackend(MultiplexedBackend):
         """initialize (or, at 2026-07-28, what discover told), then the tools and their schemas."""
         link = self._link
         if not (isinstance(link, _StreamableLink) and link.modern):
-            await self._initialize()
-        if "tools" in self.capabilities:
-            tools = await self._call({"jsonrpc": "2.0", "id": "tools", "method": "tools/list", "params": {}})
-            listed: list[Any] = tools["tools"] if isinstance(tools.get("tools"), list) else []
-            self.tool_count = len(listed)
-            self.schemas = {
-                str(t.get("name")): t["inputSchema"]
-                for t in listed
-                if isinstance(t, dict) and isinstance(t.get("inputSchema"), dict)
-            }
+            result = await self._initialize(self.spec.protocol or LATEST_HANDSHAKE)
+            if isinstance(link, _StreamableLink):
+                version = result.get("protocolVersion")
+                link.version = version if isinstance(version, str) else LATEST_HANDSHAKE
+        await self._list_tools()
         if isinstance(link, _StreamableLink) and not link.modern:
             link.listen()
         self.mux.resubscribe(self.timeout)
 
-    async def _initialize(self) -> None:
-        params = {
-            "protocolVersion": self.spec.protocol or LATEST_HANDSHAKE,
-            "capabilities": {"sampling": {}, "elicitation": {}, "roots": {"listChanged": True}},
-            "clientInfo": {"name": "mcp-sse", "version": __version__},
-        }
-        result = await self._call({"jsonrpc": "2.0", "id": "init", "method": "initialize", "params": params})
-        self.learn(result)
-        link = self._link
-        if isinstance(link, _StreamableLink):
-            version = result.get("protocolVersion")
-            link.version = version if isinstance(version, str) else LATEST_HANDSHAKE
-        self._write({"jsonrpc": "2.0", "method": "notifications/initialized"})
-
-    async def _call(self, message: Message) -> dict[str, Any]:
-        reply = await self.mux.call(None, message, INIT_TIMEOUT)
-        result = reply.get("result")
-        if not isinstance(result, dict):
-            error = reply.get("error") or {}
-            raise RemoteError(f"{message['method']} failed: {str(error.get('message', 'no result'))[:200]}")
-        return result
+    def _setup_failed(self, why: str) -> Exception:
+        return RemoteError(why)
 
     async def stop(self) -> None:
         self._stopping = True

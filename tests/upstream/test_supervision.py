@@ -319,6 +319,32 @@ async def test_missing_command_is_failed_with_a_clear_error(
     assert message.startswith("backend 'test' is failed: ") and missing in message
 
 
+# A server that says it has tools, then answers tools/list with an error (a real child process).
+_NO_TOOL_LIST = """
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("method") == "initialize":
+        r = {"protocolVersion": "2025-11-25", "capabilities": {"tools": {}}, "serverInfo": {"name": "x"}}
+        print(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": r}), flush=True)
+    elif "id" in m:
+        e = {"code": -32603, "message": "database is locked"}
+        print(json.dumps({"jsonrpc": "2.0", "id": m["id"], "error": e}), flush=True)
+"""
+
+
+async def test_a_server_that_cannot_list_its_tools_fails_saying_so(
+    start_gateway: StartGateway, fast_backoff: None
+) -> None:
+    """The handshake lists the tools (their schemas check arguments from the first call): a server
+    that offers tools but cannot list them is not running, and its status says why."""
+    gw = await start_gateway({"test": {"command": sys.executable, "args": ["-c", _NO_TOOL_LIST]}})
+    status = await wait_for_state(gw, "failed")
+    assert status["last_error"] == "tools/list failed: database is locked"
+    message = (await _connect_error(gw, "streamable")).message
+    assert message == "backend 'test' is failed: tools/list failed: database is locked"
+
+
 async def test_non_json_first_line_is_ignored(
     start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
