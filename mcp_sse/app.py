@@ -665,26 +665,30 @@ async def _backends_lifecycle(app: web.Application) -> AsyncIterator[None]:
 async def _reaper(app: web.Application) -> AsyncIterator[None]:
     """Idle sessions and expired keys: checked often enough that an expired key's streams end promptly."""
 
+    async def reap_once() -> None:
+        if expired := app[SESSIONS].expire_idle():
+            log.info("closed %d idle sessions", expired)
+        gone = _gone_identities(app)
+        if gone and (ended := end_identities(app, gone)):
+            app[AUDIT].event("session.expired", None, key_ids=", ".join(sorted(gone)), sessions_closed=ended)
+        # A grant revoked here or on another instance (console, RFC 7009, a replayed code or
+        # refresh token): its tokens were refused at once; the streams they opened end now.
+        open_identities = {s.identity for s in app[SESSIONS].all() if s.identity}
+        ungranted = await app[PRINCIPALS].ungranted(open_identities)
+        if ungranted and (ended := end_identities(app, ungranted)):
+            app[AUDIT].event(
+                "session.revoked", None, identities=", ".join(sorted(ungranted)), sessions_closed=ended
+            )
+        if (logins := app[LOGINS]) is not None:
+            logins.prune()
+
     async def reap() -> None:
         while True:
             await asyncio.sleep(REAP_INTERVAL)
-            if expired := app[SESSIONS].expire_idle():
-                log.info("closed %d idle sessions", expired)
-            gone = _gone_identities(app)
-            if gone and (ended := end_identities(app, gone)):
-                app[AUDIT].event(
-                    "session.expired", None, key_ids=", ".join(sorted(gone)), sessions_closed=ended
-                )
-            # A grant revoked here or on another instance (console, RFC 7009, a replayed code or
-            # refresh token): its tokens were refused at once; the streams they opened end now.
-            open_identities = {s.identity for s in app[SESSIONS].all() if s.identity}
-            ungranted = await app[PRINCIPALS].ungranted(open_identities)
-            if ungranted and (ended := end_identities(app, ungranted)):
-                app[AUDIT].event(
-                    "session.revoked", None, identities=", ".join(sorted(ungranted)), sessions_closed=ended
-                )
-            if (logins := app[LOGINS]) is not None:
-                logins.prune()
+            try:
+                await reap_once()
+            except Exception as exc:  # a pass that fails must not end the reaper (expiry, revocation)
+                log.error("reaper pass failed (%s); the next one runs as usual", type(exc).__name__)
 
     task = asyncio.create_task(reap())
     yield

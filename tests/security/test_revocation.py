@@ -115,3 +115,36 @@ async def test_a_key_that_expires_while_loaded_has_its_listen_stream_ended_by_th
     expired = [line for line in audit_lines(tmp_path / "audit.log") if line["event"] == "session.expired"]
     assert [line["sessions_closed"] for line in expired] == [1]
     assert entry["id"] in expired[0]["key_ids"]  # named, not masked as a secret
+
+
+async def test_a_reaper_pass_that_fails_is_logged_and_the_next_one_ends_the_stream(
+    start_gateway: StartGateway,
+    http: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A fault injected into one pass (the first): the reaper goes on, so expiry still ends streams."""
+    monkeypatch.setattr(app_module, "REAP_INTERVAL", 0.05)
+    real, failed = app_module._gone_identities, []
+
+    def once_failing(app: Any) -> set[str]:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("injected")
+        return real(app)
+
+    monkeypatch.setattr(app_module, "_gone_identities", once_failing)
+    secret, entry = new_key("expiring")
+    keys = tmp_path / "keys.json"
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)
+    write_keys(keys, {**entry, "expires": soon.strftime("%Y-%m-%dT%H:%M:%SZ")})
+    gw = await start_gateway({"raw": RAW_SERVER}, keys_file=keys)
+    async with http.post(
+        gw.url + "/mcp", json=LISTEN, headers=modern_headers(secret, "subscriptions/listen")
+    ) as s:
+        assert (await next_message(s))["method"] == ACK
+        await until_eof(s)
+    assert failed
+    assert "reaper pass failed (RuntimeError); the next one runs as usual" in caplog.text
+    assert "injected" not in caplog.text and "Traceback" not in caplog.text
